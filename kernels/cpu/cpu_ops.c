@@ -1,0 +1,2 @@
+/* placeholder */
+#include "cpu_ops.h"

@@ -1,0 +1,2 @@
+/* checkpoint.c — placeholder until its module lands. */
+#include <strata/strata.h>

@@ -1,0 +1,2 @@
+/* data.c — placeholder until its module lands. */
+#include <strata/strata.h>

@@ -1,0 +1,45 @@
+/* data.h (internal) — cached-sample datasets: metadata, sampling, prefetch.
+ *
+ * A dataset is a list of safetensors files, one cached sample each (DESIGN §5). They are named by
+ * `dataset_metadata_path` (CSV with a header row and a column `file` or `image`; JSON array of
+ * objects; JSONL — the `file` (or `image`) field of each row, relative to dataset_base_path, with a
+ * `.safetensors` suffix added when missing) or, when no metadata is given, every `*.safetensors`
+ * under dataset_base_path in sorted order. A bad sample is an error naming the file. */
+#ifndef STRATA_RUNTIME_DATA_H
+#define STRATA_RUNTIME_DATA_H
+
+#include <strata/model.h>
+
+typedef struct st_dataset st_dataset;
+
+typedef struct st_dataset_options {
+  const char *base_path;
+  const char *metadata_path; /* NULL: scan base_path */
+  int64_t repeat;            /* dataset_repeat: the list is repeated this many times per epoch */
+  bool shuffle;              /* per-epoch permutation from (seed, epoch) */
+  uint64_t seed;
+  int64_t batch_size;        /* samples per micro-batch */
+  int prefetch;              /* micro-batches loaded ahead on a background thread (0 = synchronous) */
+  int rank, world_size;      /* each rank takes every world_size-th batch of the global order */
+} st_dataset_options;
+
+st_result st_dataset_open(const st_dataset_options *opt, st_dataset **out, st_error *err);
+void st_dataset_close(st_dataset *d);
+int64_t st_dataset_size(const st_dataset *d);           /* files, before repeat */
+int64_t st_dataset_batches_per_epoch(const st_dataset *d); /* per rank, after repeat; partial batch dropped */
+
+/* The cursor is the global micro-batch index since the start of training (epoch = cursor /
+ * batches_per_epoch); a resumed run seeks to where it stopped. */
+st_result st_dataset_seek(st_dataset *d, int64_t cursor, st_error *err);
+int64_t st_dataset_cursor(const st_dataset *d);
+/* Next micro-batch; the batch stays valid until the next call or close. */
+st_result st_dataset_next(st_dataset *d, st_batch *out, st_error *err);
+
+/* Write n synthetic samples (model->synth_sample) to dir as sample-000000.safetensors ... plus a
+ * metadata.jsonl; skips the work when dir already holds exactly those files for this seed. */
+st_result st_dataset_synthesize(const char *dir, int64_t n, uint64_t seed,
+                                st_result (*synth)(void *model_ctx, uint64_t seed, int64_t index,
+                                                   st_tensor_sink *sink, st_error *err),
+                                void *model_ctx, st_error *err);
+
+#endif /* STRATA_RUNTIME_DATA_H */

@@ -1,0 +1,2 @@
+/* env.c — placeholder until its module lands. */
+#include <strata/strata.h>

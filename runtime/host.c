@@ -1,0 +1,2 @@
+/* host.c — placeholder until its module lands. */
+#include <strata/strata.h>

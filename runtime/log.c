@@ -1,0 +1,2 @@
+/* log.c — placeholder until its module lands. */
+#include <strata/strata.h>

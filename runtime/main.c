@@ -1,0 +1,2 @@
+#include <strata/strata.h>
+int main(void) { return 0; }

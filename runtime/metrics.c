@@ -1,0 +1,2 @@
+/* metrics.c — placeholder until its module lands. */
+#include <strata/strata.h>

@@ -1,0 +1,2 @@
+/* optim.c — placeholder until its module lands. */
+#include <strata/strata.h>

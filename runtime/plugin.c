@@ -1,0 +1,2 @@
+/* plugin.c — placeholder until its module lands. */
+#include <strata/strata.h>

@@ -1,0 +1,2 @@
+/* progress.c — placeholder until its module lands. */
+#include <strata/strata.h>

@@ -1,0 +1,2 @@
+/* safetensors.c — placeholder until its module lands. */
+#include <strata/strata.h>

@@ -1,0 +1,2 @@
+/* sched.c — placeholder until its module lands. */
+#include <strata/strata.h>

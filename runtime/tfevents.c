@@ -1,0 +1,2 @@
+/* tfevents.c — placeholder until its module lands. */
+#include <strata/strata.h>

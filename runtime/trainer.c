@@ -1,0 +1,2 @@
+/* trainer.c — placeholder until its module lands. */
+#include <strata/strata.h>
