@@ -1,0 +1,2 @@
+/* launch.c — placeholder until its module lands. */
+#include <strata/strata.h>

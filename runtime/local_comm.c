@@ -1,0 +1,2 @@
+/* local_comm.c — placeholder until its module lands. */
+#include <strata/strata.h>

@@ -1,0 +1,2 @@
+/* store.c — placeholder until its module lands. */
+#include <strata/strata.h>
