@@ -6,13 +6,19 @@
 #include <strata/strategy.h>
 
 #include "config.h"
-#include "metrics.h"
 
 typedef struct st_host_options {
   const st_ops *ops;      /* compute device table */
   const st_ops *cpu_ops;  /* CPU table (== ops on the CPU) */
-  st_logger *logger;      /* NULL: log lines are dropped */
+  /* where plugin log lines go (the CLI passes the logger); NULL drops them */
+  void (*log_sink)(void *user, st_log_level level, const char *message);
+  void *log_user;
   const st_optimizer_settings *optimizer; /* NULL: AdamW with DeepSpeed defaults */
+  const st_cfg_api *cfg;  /* the config access table (st_config_api()); NULL in kernel-only tests */
+  /* how host->load_strategy finds plugins (the trainer passes the plugin loader); NULL: refused */
+  st_result (*load_strategy)(void *user, const char *name_or_path, const struct st_strategy_plugin_v1 **out,
+                             st_error *err);
+  void *load_strategy_user;
   const st_comm_plugin_v1 *comm; /* NULL: the built-in local backend (world size 1) */
   st_comm *world;
   int rank, world_size, local_rank, local_world_size;

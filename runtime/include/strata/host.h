@@ -111,8 +111,10 @@ typedef struct st_host {
   st_comm *world;
   int rank, world_size, local_rank, local_world_size;
 
-  /* the core's optimizer: runs desc on the ops table of `dev` (CPU for offloaded shards) with the
-   * hyper-parameters of the config; strategies fill pointers, n and step-dependent fields */
+  /* the core's optimizer: runs desc on the ops table of `dev` (CPU for offloaded shards). The
+   * strategy fills pointers, dtypes, n, step, lr and grad_scale, and sets weight_decay to 1 for a
+   * decayed parameter or 0 for an ST_PARAM_NO_DECAY one; the host fills type, betas, eps,
+   * momentum, adam_w_mode from the config and multiplies weight_decay by the configured value. */
   st_result (*optim_update)(const struct st_host *h, st_device dev, st_optim_desc *desc, st_error *err);
   /* number of fp32 state buffers per element the configured optimizer needs (AdamW: 2) */
   int (*optim_state_count)(const struct st_host *h);

@@ -109,13 +109,18 @@ static inline ST_PRINTF(4, 5) st_result st_error_set(st_error *err, st_result co
 /* Prepend context to an existing message ("loading step-100: " + message); keeps code and where. */
 static inline ST_PRINTF(2, 3) st_result st_error_prefix(st_error *err, const char *fmt, ...) {
   if (!err) return ST_ERR_INTERNAL;
-  char prefix[512], old[ST_ERROR_MESSAGE_MAX];
+  char prefix[512];
   va_list ap;
   va_start(ap, fmt);
   vsnprintf(prefix, sizeof prefix, fmt, ap);
   va_end(ap);
-  memcpy(old, err->message, sizeof old);
-  snprintf(err->message, sizeof err->message, "%s%s", prefix, old);
+  size_t cap = sizeof err->message, plen = strlen(prefix), mlen = 0;
+  while (mlen < cap - 1 && err->message[mlen]) mlen++;
+  if (plen > cap - 1) plen = cap - 1;
+  if (plen + mlen > cap - 1) mlen = cap - 1 - plen; /* keep the prefix, cut the tail */
+  memmove(err->message + plen, err->message, mlen);
+  memcpy(err->message, prefix, plen);
+  err->message[plen + mlen] = '\0';
   return err->code;
 }
 
