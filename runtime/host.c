@@ -14,7 +14,7 @@ typedef struct alloc_header { /* sits in the 64 bytes before every CPU block */
 typedef struct host_state {
   st_host pub;
   st_host_options opt;
-  st_optimizer_settings optimizer;
+  const st_optimizer_settings *optimizer; /* the caller's, read at every update ("auto" resolves late) */
   uint64_t live[2], peak[2];
   const st_moe_api *moe;
   st_moe_api local_moe;
@@ -73,7 +73,7 @@ static st_result host_optim_update(const st_host *h, st_device dev, st_optim_des
   const st_ops *ops = dev.type == h->device.type ? h->ops : h->cpu_ops;
   if (!ops || !ops->optim_update)
     return st_error_set(err, ST_ERR_UNSUPPORTED, "optimizer", "no optimizer kernel for this device");
-  const st_optimizer_settings *o = &s->optimizer;
+  const st_optimizer_settings *o = s->optimizer;
   d->type = o->type;
   d->beta1 = o->beta1;
   d->beta2 = o->beta2;
@@ -88,7 +88,7 @@ static st_result host_optim_update(const st_host *h, st_device dev, st_optim_des
 }
 
 static int host_optim_state_count(const st_host *h) {
-  const st_optimizer_settings *o = &state_of(h)->optimizer;
+  const st_optimizer_settings *o = state_of(h)->optimizer;
   if (o->type == ST_OPTIM_SGD) return o->momentum != 0.0 ? 1 : 0;
   return 2;
 }
@@ -140,12 +140,10 @@ st_result st_host_create(const st_host_options *opt, st_host **out, st_error *er
   host_state *s = calloc(1, sizeof *s);
   if (!s) return st_error_set(err, ST_ERR_OUT_OF_MEMORY, "host", "cannot allocate the host table");
   s->opt = *opt;
-  if (opt->optimizer) {
-    s->optimizer = *opt->optimizer;
-  } else { /* DeepSpeed / torch AdamW defaults */
-    s->optimizer = (st_optimizer_settings){.type = ST_OPTIM_ADAMW, .lr = 1e-3, .beta1 = 0.9, .beta2 = 0.999,
-                                           .eps = 1e-8, .weight_decay = 0.01, .adam_w_mode = true};
-  }
+  static const st_optimizer_settings adamw_defaults = {.type = ST_OPTIM_ADAMW, .lr = 1e-3, .beta1 = 0.9,
+                                                        .beta2 = 0.999, .eps = 1e-8, .weight_decay = 0.01,
+                                                        .adam_w_mode = true}; /* torch.optim.AdamW */
+  s->optimizer = opt->optimizer ? opt->optimizer : &adamw_defaults;
   st_host *h = &s->pub;
   h->abi_version = ST_ABI_VERSION;
   h->struct_size = sizeof *h;

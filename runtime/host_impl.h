@@ -13,7 +13,7 @@ typedef struct st_host_options {
   /* where plugin log lines go (the CLI passes the logger); NULL drops them */
   void (*log_sink)(void *user, st_log_level level, const char *message);
   void *log_user;
-  const st_optimizer_settings *optimizer; /* NULL: AdamW with DeepSpeed defaults */
+  const st_optimizer_settings *optimizer; /* read at every update; NULL: torch AdamW defaults */
   const st_cfg_api *cfg;  /* the config access table (st_config_api()); NULL in kernel-only tests */
   /* how host->load_strategy finds plugins (the trainer passes the plugin loader); NULL: refused */
   st_result (*load_strategy)(void *user, const char *name_or_path, const struct st_strategy_plugin_v1 **out,

@@ -1,2 +1,634 @@
-/* trainer.c — placeholder until its module lands. */
-#include <strata/strata.h>
+/* trainer.c — the step loop: data -> units forward -> loss -> units backward -> strategy step.
+ *
+ * The trainer owns activation memory: the carries at every unit boundary, each unit's saved set
+ * (or, under activation checkpointing, one reusable saved buffer and a replay of the unit's
+ * forward before its backward), two gradient carries used in turn, and one shared workspace. */
+#include <math.h>
+#include <stdlib.h>
+#include <sys/stat.h>
+#include <time.h>
+#include <unistd.h>
+
+#include "checkpoint.h"
+#include "config.h"
+#include "cpu_ops.h"
+#include "data.h"
+#include "host_impl.h"
+#include "local_strategy.h"
+#include "metrics.h"
+#include "optim.h"
+#include "plugin.h"
+#include "trainer.h"
+
+static double now_s(void) {
+  struct timespec ts;
+  clock_gettime(CLOCK_MONOTONIC, &ts);
+  return (double)ts.tv_sec + 1e-9 * (double)ts.tv_nsec;
+}
+
+static size_t align64(size_t n) { return (n + 63) & ~(size_t)63; }
+
+/* a grow-only device buffer */
+typedef struct arena {
+  char *base;
+  size_t cap;
+} arena;
+
+static st_result arena_reserve(const st_host *h, arena *a, size_t bytes, const char *category, st_error *err) {
+  if (bytes <= a->cap) return ST_OK;
+  h->free(h, h->device, a->base);
+  a->base = h->alloc(h, h->device, bytes, category);
+  a->cap = a->base ? bytes : 0;
+  if (!a->base)
+    return st_error_set(err, ST_ERR_OUT_OF_MEMORY, category,
+                        "cannot allocate %.1f MiB of %s; lower train_micro_batch_size_per_gpu or enable "
+                        "activation checkpointing",
+                        (double)bytes / (1 << 20), category);
+  return ST_OK;
+}
+
+typedef struct trainer {
+  st_run_options opt;
+  st_config *cfg;
+  st_settings s;
+  st_logger *logger;
+  const st_ops *ops;
+  st_host *host;
+  st_plugin model_plugin, strategy_plugin;
+  const st_model_plugin_v1 *model;
+  const st_strategy_plugin_v1 *strategy;
+  void *mctx, *sctx;
+  const st_model_desc *desc;
+  int *unit_order;
+  int rank, world_size, local_rank, local_world_size;
+  st_dataset *data;
+  st_metrics *metrics;
+  st_progress *progress;
+  st_loss_scaler scaler;
+  st_trainer_state ts;
+  /* activation memory */
+  arena carry_mem, saved_mem, dcarry_mem, work_mem;
+  st_carry_layout *layouts; /* n_units + 1 */
+  st_tensor *carries;       /* (n_units + 1) * ST_MAX_CARRY, data set per micro-step */
+  size_t *saved_bytes;      /* per unit */
+  size_t *saved_off;        /* per unit, into saved_mem */
+  double fwd_flops;         /* of the last micro-batch */
+} trainer;
+
+static void log_sink(void *user, st_log_level level, const char *msg) { st_log((st_logger *)user, level, "%s", msg); }
+
+static st_result load_strategy_cb(void *user, const char *name, const st_strategy_plugin_v1 **out, st_error *err) {
+  (void)user;
+  st_plugin p;
+  st_plugin_builtin b[1] = {{ST_PLUGIN_STRATEGY, "local", st_local_strategy()}};
+  ST_CHECK(st_plugin_load(ST_PLUGIN_STRATEGY, name, b, 1, &p, err));
+  *out = p.v.strategy; /* the handle stays open for the life of the process: strategies are few */
+  return ST_OK;
+}
+
+/* RANK/WORLD_SIZE as torchrun, accelerate and `strata launch` set them */
+static void read_world(trainer *t) {
+  const char *r = getenv("RANK"), *w = getenv("WORLD_SIZE"), *lr = getenv("LOCAL_RANK"),
+             *lw = getenv("LOCAL_WORLD_SIZE");
+  t->rank = r ? atoi(r) : 0;
+  t->world_size = w ? atoi(w) : 1;
+  t->local_rank = lr ? atoi(lr) : 0;
+  t->local_world_size = lw ? atoi(lw) : 1;
+  if (t->world_size < 1) t->world_size = 1;
+}
+
+static void trainer_free(trainer *t) {
+  if (t->progress) st_progress_finish(t->progress);
+  st_metrics_close(t->metrics);
+  st_dataset_close(t->data);
+  if (t->host) {
+    const st_host *h = t->host;
+    h->free(h, h->device, t->carry_mem.base);
+    h->free(h, h->device, t->saved_mem.base);
+    h->free(h, h->device, t->dcarry_mem.base);
+    h->free(h, h->device, t->work_mem.base);
+  }
+  if (t->strategy && t->sctx) t->strategy->finalize(t->sctx);
+  if (t->model && t->mctx) t->model->finalize(t->mctx);
+  st_plugin_unload(&t->strategy_plugin);
+  st_plugin_unload(&t->model_plugin);
+  st_host_destroy(t->host);
+  if (t->ops) st_cpu_ops_destroy(t->ops);
+  free(t->layouts);
+  free(t->carries);
+  free(t->saved_bytes);
+  free(t->saved_off);
+  free(t->unit_order);
+  st_config_free(t->cfg);
+  st_logger_free(t->logger);
+}
+
+/* ---- plugin set-up shared by train and validate ------------------------------------------- */
+
+static st_result setup_plugins(trainer *t, st_error *err) {
+  st_settings *s = &t->s;
+  ST_CHECK(st_config_load(t->opt.config_path, t->opt.deepspeed_path, t->opt.sets, t->opt.n_sets, &t->cfg, err));
+  ST_CHECK(st_config_extract(t->cfg, s, err));
+  read_world(t);
+  t->logger = st_logger_create(t->opt.console ? t->opt.console : stderr, t->rank, t->world_size, ST_LOG_INFO);
+  if (t->world_size > 1)
+    return st_error_set(err, ST_ERR_UNSUPPORTED, "strategy",
+                        "WORLD_SIZE is %d, but this build trains in one process only: multi-process strategies "
+                        "(ddp, fsdp) are not available yet",
+                        t->world_size);
+  if (s->device_type != ST_DEVICE_CPU)
+    return st_error_set(err, ST_ERR_UNSUPPORTED, "device.type",
+                        "\"cuda\" needs the CUDA backend, which this build does not have; use \"cpu\"");
+  ST_CHECK(st_cpu_ops_create(s->threads, &t->ops, err));
+
+  const char *model_ref = s->model_plugin ? s->model_plugin : s->model_name;
+  if (!model_ref) return st_error_set(err, ST_ERR_CONFIG, "model.name", "no model: set model.name (or model.plugin)");
+  ST_CHECK(st_plugin_load(ST_PLUGIN_MODEL, model_ref, NULL, 0, &t->model_plugin, err));
+  t->model = t->model_plugin.v.model;
+
+  st_plugin_builtin b[1] = {{ST_PLUGIN_STRATEGY, "local", st_local_strategy()}};
+  const char *strategy_ref = s->strategy_plugin ? s->strategy_plugin : (s->strategy_name ? s->strategy_name : "local");
+  ST_CHECK(st_plugin_load(ST_PLUGIN_STRATEGY, strategy_ref, b, 1, &t->strategy_plugin, err));
+  t->strategy = t->strategy_plugin.v.strategy;
+
+  st_host_options ho = {.ops = t->ops, .cpu_ops = t->ops, .log_sink = log_sink, .log_user = t->logger,
+                        .optimizer = &s->optimizer, .cfg = st_config_api(), .load_strategy = load_strategy_cb,
+                        .rank = t->rank, .world_size = t->world_size, .local_rank = t->local_rank,
+                        .local_world_size = t->local_world_size};
+  ST_CHECK(st_host_create(&ho, &t->host, err));
+
+  st_cfg *model_cfg = st_config_node(t->cfg, "model");
+  ST_CHECK(t->model->validate(model_cfg, st_config_api(), err));
+  ST_CHECK(t->model->init(t->host, model_cfg, &t->mctx, err));
+  t->desc = t->model->describe(t->mctx);
+  ST_CHECK(st_config_resolve(t->cfg, t->world_size, t->desc->hidden_size, s, err));
+  st_cfg *strategy_cfg = st_config_node(t->cfg, "strategy");
+  ST_CHECK(t->strategy->validate(strategy_cfg, st_config_api(), err));
+  return ST_OK;
+}
+
+st_result st_validate(const st_run_options *opt, FILE *out, st_error *err) {
+  trainer t = {.opt = *opt};
+  st_result r = setup_plugins(&t, err);
+  if (r == ST_OK) {
+    st_config_print_resolved(t.cfg, out);
+    fprintf(out, "\nmodel %s (%s): %d units, %lld parameters; strategy %s (%s)\n", t.model->header.name,
+            t.model_plugin.path, t.desc->n_units, (long long)t.desc->n_params_total, t.strategy->header.name,
+            t.strategy_plugin.path);
+  }
+  trainer_free(&t);
+  return r;
+}
+
+/* ---- initial and resumed state ------------------------------------------------------------ */
+
+typedef struct source_reader {
+  st_state_reader pub;
+  trainer *t;
+  st_tensor_store *ckpt, *weights;
+} source_reader;
+
+static bool locate_param(const st_model_desc *d, const st_param_desc *p, int *unit, int *index) {
+  for (int u = 0; u < d->n_units; u++)
+    for (int k = 0; k < d->units[u].n_params; k++)
+      if (&d->units[u].params[k] == p || !strcmp(d->units[u].params[k].name, p->name)) {
+        *unit = u;
+        *index = k;
+        return true;
+      }
+  return false;
+}
+
+static st_result source_read(st_state_reader *sr, const st_param_desc *p, st_state_kind kind, int64_t offset,
+                             int64_t count, st_dtype dt, void *dst, st_error *err) {
+  source_reader *r = (source_reader *)sr;
+  if (r->ckpt) {
+    st_result res = st_tensor_store_read(r->ckpt, kind, p->name, offset, count, dt, dst, err);
+    if (res != ST_ERR_NOT_FOUND) return res;
+    st_error_clear(err);
+  }
+  if (kind != ST_STATE_PARAM) return ST_ERR_NOT_FOUND;
+  if (r->weights && st_tensor_store_has(r->weights, ST_STATE_PARAM, p->name, NULL, NULL))
+    return st_tensor_store_read(r->weights, kind, p->name, offset, count, dt, dst, err);
+  int unit, index;
+  if (!locate_param(r->t->desc, p, &unit, &index))
+    return st_error_set(err, ST_ERR_INTERNAL, p->name, "the strategy asked for a parameter the model does not have");
+  return r->t->model->init_param(r->t->mctx, r->t->s.seed, unit, index, offset, count, dt, dst, err);
+}
+
+/* Every non-LoRA parameter must be in the weights with its shape, and nothing else may be there. */
+static st_result check_weights(const st_model_desc *d, const st_tensor_store *w, const char *path, st_error *err) {
+  char missing[600] = "", shapes[600] = "", unexpected[600] = "";
+  int n_missing = 0, n_shapes = 0, n_unexpected = 0;
+  for (int u = 0; u < d->n_units; u++)
+    for (int k = 0; k < d->units[u].n_params; k++) {
+      const st_param_desc *p = &d->units[u].params[k];
+      int64_t shape[ST_MAX_DIMS];
+      int ndim = 0;
+      if (!st_tensor_store_has(w, ST_STATE_PARAM, p->name, shape, &ndim)) {
+        if (p->flags & ST_PARAM_LORA) continue;
+        if (n_missing++ < 3)
+          snprintf(missing + strlen(missing), sizeof missing - strlen(missing), "%s'%s'", n_missing > 1 ? ", " : "",
+                   p->name);
+        continue;
+      }
+      bool same = ndim == p->ndim;
+      for (int i = 0; same && i < ndim; i++) same = shape[i] == p->shape[i];
+      if (!same && n_shapes++ < 3) {
+        char a[96], b[96];
+        snprintf(shapes + strlen(shapes), sizeof shapes - strlen(shapes), "%s'%s' is %s, the model needs %s",
+                 n_shapes > 1 ? "; " : "", p->name, st_shape_str(shape, ndim, a, sizeof a),
+                 st_shape_str(p->shape, p->ndim, b, sizeof b));
+      }
+    }
+  for (int i = 0; i < st_tensor_store_param_count(w); i++) {
+    const char *name = st_tensor_store_param_name(w, i);
+    bool known = false;
+    for (int u = 0; u < d->n_units && !known; u++)
+      for (int k = 0; k < d->units[u].n_params && !known; k++) known = !strcmp(d->units[u].params[k].name, name);
+    if (!known && n_unexpected++ < 3)
+      snprintf(unexpected + strlen(unexpected), sizeof unexpected - strlen(unexpected), "%s'%s'",
+               n_unexpected > 1 ? ", " : "", name);
+  }
+  if (!n_missing && !n_shapes && !n_unexpected) return ST_OK;
+  char msg[1400] = "";
+  if (n_missing)
+    snprintf(msg + strlen(msg), sizeof msg - strlen(msg), "%d missing tensor(s): %s%s. ", n_missing, missing,
+             n_missing > 3 ? ", ..." : "");
+  if (n_shapes)
+    snprintf(msg + strlen(msg), sizeof msg - strlen(msg), "%d mis-shaped: %s%s. ", n_shapes, shapes,
+             n_shapes > 3 ? "; ..." : "");
+  if (n_unexpected)
+    snprintf(msg + strlen(msg), sizeof msg - strlen(msg), "%d unexpected tensor(s): %s%s. ", n_unexpected, unexpected,
+             n_unexpected > 3 ? ", ..." : "");
+  return st_error_set(err, ST_ERR_FORMAT, path, "%sNothing was loaded.", msg);
+}
+
+static st_result load_state(trainer *t, st_error *err) {
+  source_reader sr = {.pub = {.read = source_read}, .t = t};
+  sr.pub.self = &sr;
+  st_result r = ST_OK;
+  char dir[4096] = "";
+  if (t->s.resume) {
+    r = st_ckpt_resolve(t->s.output_path, t->s.resume, dir, sizeof dir, err);
+    if (r == ST_OK) r = st_ckpt_read_trainer_state(dir, &t->ts, err);
+    if (r == ST_OK && t->ts.world_size != t->world_size)
+      st_log(t->logger, ST_LOG_INFO, "resuming a %d-rank checkpoint on %d rank(s)", t->ts.world_size, t->world_size);
+    if (r == ST_OK) r = st_tensor_store_open_checkpoint(dir, &sr.ckpt, err);
+  }
+  st_cfg *wnode = st_config_node(t->cfg, "model.weights");
+  const char *weights = NULL;
+  if (r == ST_OK && wnode) r = st_config_api()->get_string(st_config_node(t->cfg, "model"), "weights", NULL, &weights, err);
+  if (r == ST_OK && weights) {
+    r = st_tensor_store_open_weights(weights, &sr.weights, err);
+    if (r == ST_OK) r = check_weights(t->desc, sr.weights, weights, err);
+  }
+  if (r == ST_OK) r = t->strategy->state_load(t->sctx, &sr.pub, err);
+  st_tensor_store_close(sr.ckpt);
+  st_tensor_store_close(sr.weights);
+  if (r == ST_OK && dir[0]) {
+    t->scaler.scale = t->ts.loss_scale;
+    t->scaler.iteration = t->ts.scaler_iteration;
+    t->scaler.last_overflow_iteration = t->ts.scaler_last_overflow;
+    if (t->ts.scaler_hysteresis_left) t->scaler.hysteresis_left = t->ts.scaler_hysteresis_left;
+    st_log(t->logger, ST_LOG_INFO, "resumed from %s at step %lld", dir, (long long)t->ts.step);
+  }
+  return r;
+}
+
+static st_result save_checkpoint(trainer *t, st_error *err) {
+  t->ts.loss_scale = t->scaler.scale;
+  t->ts.scaler_iteration = t->scaler.iteration;
+  t->ts.scaler_last_overflow = t->scaler.last_overflow_iteration;
+  t->ts.scaler_hysteresis_left = t->scaler.hysteresis_left;
+  t->ts.data_cursor = st_dataset_cursor(t->data);
+  st_ckpt_options co = {.output_path = t->s.output_path, .rank = t->rank, .world_size = t->world_size,
+                        .keep_last = t->s.keep_last, .slow_write_ms = t->opt.ckpt_slow_write_ms};
+  char *config_json = st_config_to_json(t->cfg);
+  st_result r = st_ckpt_save(&co, t->strategy, t->sctx, &t->ts, config_json, err);
+  free(config_json);
+  if (r == ST_OK) st_log(t->logger, ST_LOG_INFO, "saved checkpoint %s/step-%06lld", t->s.output_path, (long long)t->ts.step);
+  return r;
+}
+
+/* ---- one micro-step ------------------------------------------------------------------------ */
+
+static st_tensor *carry_at(trainer *t, int boundary) { return &t->carries[(size_t)boundary * ST_MAX_CARRY]; }
+
+/* size every buffer for this batch and point the carry tensors into them */
+static st_result plan_activations(trainer *t, void *bctx, st_error *err) {
+  const st_host *h = t->host;
+  int U = t->desc->n_units;
+  size_t carry_bytes = 0, saved_total = 0, saved_max = 0, work_max = 0, dslot[ST_MAX_CARRY] = {0};
+  for (int b = 0; b <= U; b++) {
+    ST_CHECK(t->model->carry_layout(t->mctx, bctx, b, &t->layouts[b], err));
+    for (int i = 0; i < t->layouts[b].n; i++) {
+      size_t bytes = align64(st_tensor_nbytes(&t->layouts[b].t[i]));
+      carry_bytes += bytes;
+      if (bytes > dslot[i]) dslot[i] = bytes;
+    }
+  }
+  for (int u = 0; u < U; u++) {
+    size_t saved = 0, work = 0;
+    ST_CHECK(t->model->unit_memory(t->mctx, bctx, u, &saved, &work, err));
+    t->saved_bytes[u] = align64(saved);
+    t->saved_off[u] = t->s.activation_checkpointing ? 0 : saved_total;
+    saved_total += t->saved_bytes[u];
+    if (t->saved_bytes[u] > saved_max) saved_max = t->saved_bytes[u];
+    if (work > work_max) work_max = work;
+  }
+  size_t dcarry_bytes = 0;
+  for (int i = 0; i < ST_MAX_CARRY; i++) dcarry_bytes += dslot[i];
+  ST_CHECK(arena_reserve(h, &t->carry_mem, carry_bytes + 64, "activations", err));
+  ST_CHECK(arena_reserve(h, &t->saved_mem, (t->s.activation_checkpointing ? saved_max : saved_total) + 64,
+                         "activations", err));
+  ST_CHECK(arena_reserve(h, &t->dcarry_mem, 2 * dcarry_bytes + 64, "activation grads", err));
+  ST_CHECK(arena_reserve(h, &t->work_mem, align64(work_max) + 64, "workspace", err));
+  size_t off = 0;
+  for (int b = 0; b <= U; b++)
+    for (int i = 0; i < t->layouts[b].n; i++) {
+      st_tensor *ct = &carry_at(t, b)[i];
+      *ct = t->layouts[b].t[i];
+      ct->data = t->carry_mem.base + off;
+      off += align64(st_tensor_nbytes(ct));
+    }
+  return ST_OK;
+}
+
+/* gradient carries for boundary b live in half (b % 2) of dcarry_mem */
+static void dcarry_at(trainer *t, int b, st_tensor *out) {
+  size_t half = (t->dcarry_mem.cap - 64) / 2, off = 0;
+  char *base = t->dcarry_mem.base + (size_t)(b % 2) * half;
+  for (int i = 0; i < t->layouts[b].n; i++) {
+    out[i] = t->layouts[b].t[i];
+    out[i].data = base + off;
+    size_t slot = 0;
+    for (int bb = 0; bb <= t->desc->n_units; bb++)
+      if (i < t->layouts[bb].n && align64(st_tensor_nbytes(&t->layouts[bb].t[i])) > slot)
+        slot = align64(st_tensor_nbytes(&t->layouts[bb].t[i]));
+    off += slot;
+  }
+}
+
+typedef struct phase_times {
+  double data, forward, backward, step;
+} phase_times;
+
+static st_result micro_step(trainer *t, int64_t micro_index, bool last_micro, double grad_scale, st_loss *loss,
+                            phase_times *pt, st_error *err) {
+  const st_model_plugin_v1 *m = t->model;
+  const st_strategy_plugin_v1 *sg = t->strategy;
+  int U = t->desc->n_units;
+  double t0 = now_s();
+  st_batch batch;
+  ST_CHECK(st_dataset_next(t->data, &batch, err));
+  batch.seed = t->host->rng->u64(t->s.seed, 0x6261746368ull /* "batch" */, (uint64_t)micro_index);
+  batch.step = t->ts.step;
+  batch.training = true;
+  void *bctx = NULL;
+  ST_CHECK(m->batch_prepare(t->mctx, &batch, &bctx, err));
+  st_result r = plan_activations(t, bctx, err);
+  double t1 = now_s();
+  pt->data += t1 - t0;
+  bool ckpt = t->s.activation_checkpointing;
+  for (int i = 0; i < U && r == ST_OK; i++) {
+    int u = t->unit_order[i];
+    const st_tensor *params;
+    r = sg->pre_forward(t->sctx, u, &params, err);
+    if (r != ST_OK) break;
+    void *saved = ckpt ? NULL : t->saved_mem.base + t->saved_off[u];
+    r = m->unit_forward(t->mctx, bctx, u, params, carry_at(t, u), carry_at(t, u + 1), saved, t->work_mem.base, err);
+    if (r == ST_OK) r = sg->post_forward(t->sctx, u, err);
+    if (r != ST_OK) st_error_prefix(err, "forward of unit %s: ", t->desc->units[u].name);
+  }
+  st_tensor dcarry[2][ST_MAX_CARRY];
+  if (r == ST_OK) {
+    dcarry_at(t, U, dcarry[U % 2]);
+    r = m->loss(t->mctx, bctx, carry_at(t, U), grad_scale, dcarry[U % 2], loss, err);
+    if (r == ST_OK && m->forward_flops) t->fwd_flops = m->forward_flops(t->mctx, bctx) * batch.n_samples;
+  }
+  double t2 = now_s();
+  pt->forward += t2 - t1;
+  for (int i = U - 1; i >= 0 && r == ST_OK; i--) {
+    int u = t->unit_order[i];
+    void *saved = t->saved_mem.base + t->saved_off[u];
+    const st_tensor *params;
+    st_tensor *grads;
+    if (ckpt) { /* replay the forward to rebuild this unit's saved activations */
+      r = sg->pre_forward(t->sctx, u, &params, err);
+      if (r == ST_OK)
+        r = m->unit_forward(t->mctx, bctx, u, params, carry_at(t, u), carry_at(t, u + 1), saved, t->work_mem.base, err);
+      if (r == ST_OK) r = sg->post_forward(t->sctx, u, err);
+      if (r != ST_OK) break;
+    }
+    r = sg->pre_backward(t->sctx, u, &params, &grads, err);
+    if (r != ST_OK) break;
+    st_tensor *din = NULL;
+    if (t->layouts[u].n > 0) {
+      dcarry_at(t, u, dcarry[u % 2]);
+      din = dcarry[u % 2];
+    }
+    r = m->unit_backward(t->mctx, bctx, u, params, grads, carry_at(t, u), saved, dcarry[(u + 1) % 2], din,
+                         t->work_mem.base, err);
+    if (r == ST_OK) r = sg->post_backward(t->sctx, u, last_micro, err);
+    if (r != ST_OK) st_error_prefix(err, "backward of unit %s: ", t->desc->units[u].name);
+  }
+  pt->backward += now_s() - t2;
+  m->batch_release(t->mctx, bctx);
+  return r;
+}
+
+/* ---- the loop ------------------------------------------------------------------------------ */
+
+static st_result open_outputs(trainer *t, st_error *err) {
+  if (t->rank != 0) return ST_OK;
+  char jsonl[4200], tb[4200], csv[4200];
+  snprintf(jsonl, sizeof jsonl, "%s/metrics.jsonl", t->s.output_path);
+  if (t->s.tensorboard_path) snprintf(tb, sizeof tb, "%s", t->s.tensorboard_path);
+  else snprintf(tb, sizeof tb, "%s/tensorboard", t->s.output_path);
+  if (t->s.csv_path) snprintf(csv, sizeof csv, "%s", t->s.csv_path);
+  else snprintf(csv, sizeof csv, "%s/metrics.csv", t->s.output_path);
+  st_metrics_options mo = {.jsonl_path = jsonl, .tensorboard_dir = t->s.tensorboard ? tb : NULL,
+                           .csv_path = t->s.csv_monitor ? csv : NULL};
+  return st_metrics_open(&mo, &t->metrics, err);
+}
+
+static st_result open_data(trainer *t, st_error *err) {
+  char synth_dir[4200];
+  const char *base = t->s.dataset_base_path;
+  const char *meta = t->s.dataset_metadata_path;
+  if (t->s.synthetic_samples > 0) {
+    if (!t->model->synth_sample)
+      return st_error_set(err, ST_ERR_CONFIG, "data.synthetic", "model %s cannot generate synthetic samples",
+                          t->model->header.name);
+    if (!base) {
+      snprintf(synth_dir, sizeof synth_dir, "%s/synthetic-data", t->s.output_path);
+      base = synth_dir;
+    }
+    if (t->rank == 0) {
+      st_log(t->logger, ST_LOG_INFO, "writing %lld synthetic samples to %s", (long long)t->s.synthetic_samples, base);
+      ST_CHECK(st_dataset_synthesize(base, t->s.synthetic_samples, t->s.seed, t->model->synth_sample, t->mctx, err));
+    }
+    meta = NULL;
+  }
+  if (!base)
+    return st_error_set(err, ST_ERR_CONFIG, "data.dataset_base_path",
+                        "no data: set data.dataset_base_path (cached samples) or data.synthetic.num_samples");
+  st_dataset_options dopt = {.base_path = base, .metadata_path = meta, .repeat = t->s.dataset_repeat,
+                             .shuffle = t->s.shuffle, .seed = t->s.seed, .batch_size = t->s.micro_batch_size,
+                             .prefetch = t->s.num_workers > 0 ? 2 : 0, .rank = t->rank, .world_size = t->world_size};
+  ST_CHECK(st_dataset_open(&dopt, &t->data, err));
+  if (st_dataset_batches_per_epoch(t->data) < 1)
+    return st_error_set(err, ST_ERR_CONFIG, "train_micro_batch_size_per_gpu",
+                        "the dataset has %lld sample(s) (x%lld repeat) for %d rank(s): fewer than one micro-batch of %lld",
+                        (long long)st_dataset_size(t->data), (long long)t->s.dataset_repeat, t->world_size,
+                        (long long)t->s.micro_batch_size);
+  return ST_OK;
+}
+
+static st_result setup_training(trainer *t, st_error *err) {
+  const st_model_desc *d = t->desc;
+  t->unit_order = calloc((size_t)d->n_units, sizeof *t->unit_order);
+  t->layouts = calloc((size_t)d->n_units + 1, sizeof *t->layouts);
+  t->carries = calloc(((size_t)d->n_units + 1) * ST_MAX_CARRY, sizeof *t->carries);
+  t->saved_bytes = calloc((size_t)d->n_units, sizeof *t->saved_bytes);
+  t->saved_off = calloc((size_t)d->n_units, sizeof *t->saved_off);
+  if (!t->unit_order || !t->layouts || !t->carries || !t->saved_bytes || !t->saved_off)
+    return st_error_set(err, ST_ERR_OUT_OF_MEMORY, "trainer", "unit tables");
+  for (int u = 0; u < d->n_units; u++) t->unit_order[u] = u;
+  st_dtype pd = d->compute_dtype;
+  st_strategy_setup setup = {.struct_size = sizeof setup, .model = d, .unit_order = t->unit_order, .param_dtype = pd,
+                             .master_dtype = ST_F32, .grad_dtype = (pd == ST_F64) ? ST_F64 : ST_F32,
+                             .reduce_dtype = (pd == ST_F64) ? ST_F64 : ST_F32,
+                             .grad_accum_steps = (int)t->s.grad_accum_steps, .group = NULL};
+  if (t->s.precision.dtype != ST_F32 && pd != t->s.precision.dtype)
+    st_log(t->logger, ST_LOG_WARN, "%s is enabled but the model computes in %s on this device",
+           t->s.precision.dtype == ST_BF16 ? "bf16" : "fp16", st_dtype_name(pd));
+  ST_CHECK(t->strategy->init(t->host, st_config_node(t->cfg, "strategy"), &setup, &t->sctx, err));
+  st_loss_scaler_init(&t->scaler, &t->s.precision);
+  t->ts.seed = t->s.seed;
+  t->ts.world_size = t->world_size;
+  snprintf(t->ts.model, sizeof t->ts.model, "%s", t->model->header.name);
+  snprintf(t->ts.strategy, sizeof t->ts.strategy, "%s", t->strategy->header.name);
+  ST_CHECK(load_state(t, err));
+  ST_CHECK(open_data(t, err));
+  ST_CHECK(st_dataset_seek(t->data, t->ts.data_cursor, err));
+  return open_outputs(t, err);
+}
+
+static int64_t total_steps(const trainer *t) {
+  if (t->s.max_steps > 0) return t->s.max_steps;
+  int64_t per_epoch = st_dataset_batches_per_epoch(t->data) / t->s.grad_accum_steps;
+  return (t->s.num_epochs > 0 ? t->s.num_epochs : 1) * (per_epoch > 0 ? per_epoch : 1);
+}
+
+static void report_step(trainer *t, const st_loss *loss, double lr, double gnorm, const phase_times *pt, double step_s,
+                        bool skipped) {
+  if (t->rank != 0) return;
+  double samples = (double)t->s.train_batch_size;
+  st_metrics_add(t->metrics, "train/loss", loss->loss);
+  st_metrics_add(t->metrics, "train/lr", lr);
+  st_metrics_add(t->metrics, "train/grad_norm", gnorm);
+  st_metrics_add(t->metrics, "train/loss_scale", t->scaler.scale);
+  st_metrics_add(t->metrics, "train/skipped", skipped ? 1.0 : 0.0);
+  st_metrics_add(t->metrics, "time/step_s", step_s);
+  st_metrics_add(t->metrics, "time/data_s", pt->data);
+  st_metrics_add(t->metrics, "time/forward_s", pt->forward);
+  st_metrics_add(t->metrics, "time/backward_s", pt->backward);
+  st_metrics_add(t->metrics, "time/optimizer_s", pt->step);
+  st_metrics_add(t->metrics, "perf/samples_per_s", samples / step_s);
+  if (t->fwd_flops > 0) {
+    /* model FLOPs: forward + backward = 3x forward per sample (reference qwen_image.md §5) */
+    double flops = 3.0 * t->fwd_flops / (double)t->s.micro_batch_size * samples / step_s;
+    st_metrics_add(t->metrics, "perf/flops_per_s", flops);
+    if (t->s.peak_flops > 0) st_metrics_add(t->metrics, "perf/mfu", flops / (t->s.peak_flops * t->world_size));
+  }
+  st_metrics_add(t->metrics, "memory/peak_bytes", (double)st_host_peak_bytes(t->host, t->host->device.type));
+  for (int i = 0; i < loss->n_metrics; i++) st_metrics_add(t->metrics, loss->metric_names[i], loss->metric_values[i]);
+}
+
+static st_result train_loop(trainer *t, st_error *err) {
+  int64_t total = total_steps(t);
+  if (t->s.scheduler.total_num_steps <= 0) t->s.scheduler.total_num_steps = total;
+  if (t->rank == 0)
+    t->progress = st_progress_create(t->opt.console ? t->opt.console : stderr, total, t->ts.step, t->opt.progress_tty,
+                                     t->s.steps_per_print > 0 ? t->s.steps_per_print : 10);
+  st_log(t->logger, ST_LOG_INFO, "training %s with %s: %lld parameters in %d units, %lld steps of %lld samples "
+         "(micro-batch %lld x %lld accumulation x %d rank(s))", t->model->header.name, t->strategy->header.name,
+         (long long)t->desc->n_params_total, t->desc->n_units, (long long)total, (long long)t->s.train_batch_size,
+         (long long)t->s.micro_batch_size, (long long)t->s.grad_accum_steps, t->world_size);
+  int64_t gas = t->s.grad_accum_steps;
+  int64_t micro_index = st_dataset_cursor(t->data);
+  while (t->ts.step < total) {
+    if (t->opt.stop && *t->opt.stop) {
+      st_log(t->logger, ST_LOG_WARN, "interrupted: saving a checkpoint at step %lld", (long long)t->ts.step);
+      ST_CHECK(save_checkpoint(t, err));
+      return st_error_set(err, ST_ERR_INTERRUPTED, "train", "stopped by a signal after step %lld; resume with "
+                          "--set train.resume=latest", (long long)t->ts.step);
+    }
+    double t0 = now_s();
+    phase_times pt = {0};
+    double loss_sum = 0.0;
+    st_loss agg = {0};
+    double grad_scale = t->scaler.scale / (double)gas;
+    for (int64_t k = 0; k < gas; k++) {
+      st_loss l = {0};
+      ST_CHECK(micro_step(t, micro_index++, k == gas - 1, grad_scale, &l, &pt, err));
+      loss_sum += l.loss;
+      if (k == 0) agg = l;
+      else
+        for (int i = 0; i < l.n_metrics && i < agg.n_metrics; i++) agg.metric_values[i] += l.metric_values[i];
+    }
+    for (int i = 0; i < agg.n_metrics; i++) agg.metric_values[i] /= (double)gas;
+    agg.loss = loss_sum / (double)gas;
+    double t1 = now_s();
+    double norm_sq = 0.0;
+    ST_CHECK(t->strategy->grad_norm_sq(t->sctx, &norm_sq, err));
+    double gnorm = sqrt(norm_sq) / t->scaler.scale;
+    bool bad_loss = !isfinite(agg.loss);
+    bool overflow = !isfinite(norm_sq);
+    bool skip = st_loss_scaler_update(&t->scaler, overflow) || bad_loss;
+    double lr = st_sched_lr(&t->s.scheduler, t->s.optimizer.lr, t->ts.step);
+    if (skip) {
+      ST_CHECK(t->strategy->skip_step(t->sctx, err));
+      if (bad_loss || !t->scaler.dynamic) t->ts.bad_steps++;
+      if (t->ts.bad_steps >= t->s.max_bad_steps)
+        return st_error_set(err, ST_ERR_NUMERIC, "train.max_bad_steps",
+                            "the loss or the gradients were not finite for %lld consecutive steps (last loss %g, "
+                            "grad norm %g) at step %lld: lower the learning rate, enable gradient_clipping, or use bf16",
+                            (long long)t->ts.bad_steps, agg.loss, gnorm, (long long)t->ts.step);
+      if (t->scaler.dynamic && !bad_loss)
+        st_log(t->logger, ST_LOG_INFO, "fp16 overflow at step %lld: skipped, loss scale now %g", (long long)t->ts.step,
+               t->scaler.scale);
+    } else {
+      t->ts.bad_steps = 0;
+      double clip = st_clip_coefficient(gnorm, t->s.gradient_clipping);
+      st_step_args sa = {.step = t->ts.step + 1, .lr = lr, .grad_scale = clip / t->scaler.scale};
+      ST_CHECK(t->strategy->step(t->sctx, &sa, err));
+      t->ts.step++;
+    }
+    pt.step = now_s() - t1;
+    double step_s = now_s() - t0;
+    if (!skip || t->scaler.dynamic) {
+      report_step(t, &agg, lr, gnorm, &pt, step_s, skip);
+      if (t->rank == 0) {
+        ST_CHECK(st_metrics_commit(t->metrics, t->ts.step, err));
+        char extra[96];
+        snprintf(extra, sizeof extra, "gnorm %.3g", gnorm);
+        st_progress_update(t->progress, t->ts.step, agg.loss, lr, extra);
+      }
+    }
+    if (!skip && t->s.save_steps > 0 && t->ts.step % t->s.save_steps == 0 && t->ts.step < total)
+      ST_CHECK(save_checkpoint(t, err));
+  }
+  return save_checkpoint(t, err);
+}
+
+st_result st_train(const st_run_options *opt, st_error *err) {
+  trainer t = {.opt = *opt};
+  st_result r = setup_plugins(&t, err);
+  if (r == ST_OK) r = setup_training(&t, err);
+  if (r == ST_OK) r = train_loop(&t, err);
+  trainer_free(&t);
+  return r;
+}

@@ -1,0 +1,126 @@
+/* cli.c — `strata train | validate | env | plugins | launch | export`. The CLI is the only layer
+ * that prints errors and chooses exit codes; everything below returns st_result. */
+#include <signal.h>
+#include <stdlib.h>
+#include <unistd.h>
+
+#include "cli.h"
+#include "env.h"
+#include "local_strategy.h"
+#include "plugin.h"
+#include "trainer.h"
+
+static volatile sig_atomic_t stop_requested = 0; /* written by the signal handler only */
+
+static void on_signal(int sig) {
+  if (stop_requested) { /* second signal: give up at once */
+    signal(sig, SIG_DFL);
+    raise(sig);
+  }
+  stop_requested = 1;
+}
+
+static const char usage[] =
+    "usage: strata <command> [options]\n"
+    "\n"
+    "commands:\n"
+    "  train CONFIG [--deepspeed DS.json] [--set key.path=value]...   train a model\n"
+    "  validate CONFIG [--deepspeed DS.json] [--set ...]   print the resolved config with provenance\n"
+    "  launch [--num_processes N ...] [--] strata train CONFIG   start one process per rank\n"
+    "  env                     versions, SIMD level, cores, NUMA, memory limits, accelerators\n"
+    "  plugins                 every plugin found, its ABI version and where it came from\n"
+    "  --version, --help\n"
+    "\n"
+    "exit codes: 0 ok, 1 runtime failure, 2 usage or configuration error\n"
+    "environment: STRATA_PLUGIN_PATH (extra plugin folders), STRATA_LOG_LEVEL (error|warn|info|debug)\n";
+
+static int exit_code_for(st_result r) {
+  switch (r) {
+  case ST_OK: return 0;
+  case ST_ERR_CONFIG:
+  case ST_ERR_INVALID_ARGUMENT:
+  case ST_ERR_PLUGIN:
+  case ST_ERR_NOT_FOUND: return 2;
+  default: return 1;
+  }
+}
+
+static int report(st_result r, const st_error *err) {
+  if (r == ST_OK) return 0;
+  fprintf(stderr, "strata: error: %s%s%s\n", err->where, err->where[0] ? ": " : "", err->message);
+  fprintf(stderr, "strata: %s\n", st_result_string(r));
+  return exit_code_for(r);
+}
+
+/* CONFIG [--deepspeed F] [--set k=v]... ; returns false on a usage error */
+static bool parse_run_args(int argc, char **argv, st_run_options *o, const char **sets) {
+  for (int i = 0; i < argc; i++) {
+    const char *a = argv[i];
+    if (!strcmp(a, "--deepspeed") && i + 1 < argc) {
+      o->deepspeed_path = argv[++i];
+    } else if (!strncmp(a, "--deepspeed=", 12)) {
+      o->deepspeed_path = a + 12;
+    } else if (!strcmp(a, "--set") && i + 1 < argc) {
+      sets[o->n_sets++] = argv[++i];
+    } else if (!strncmp(a, "--set=", 6)) {
+      sets[o->n_sets++] = a + 6;
+    } else if (a[0] == '-' && a[1] == '-') {
+      fprintf(stderr, "strata: unknown option %s\n", a);
+      return false;
+    } else if (!o->config_path) {
+      o->config_path = a;
+    } else {
+      fprintf(stderr, "strata: unexpected argument %s (one CONFIG only)\n", a);
+      return false;
+    }
+  }
+  if (!o->config_path) fprintf(stderr, "strata: missing CONFIG\n");
+  o->sets = sets;
+  return o->config_path != NULL;
+}
+
+int st_cli_main(int argc, char **argv) {
+  if (argc < 2 || !strcmp(argv[1], "--help") || !strcmp(argv[1], "-h") || !strcmp(argv[1], "help")) {
+    fputs(usage, argc < 2 ? stderr : stdout);
+    return argc < 2 ? 2 : 0;
+  }
+  const char *cmd = argv[1];
+  if (!strcmp(cmd, "--version") || !strcmp(cmd, "version")) {
+    printf("strata %s (plugin ABI v%d)\n", ST_VERSION_STRING, ST_ABI_VERSION);
+    return 0;
+  }
+  if (!strcmp(cmd, "env")) {
+    st_env_report(stdout);
+    return 0;
+  }
+  if (!strcmp(cmd, "plugins")) {
+    st_plugin_builtin b[1] = {{ST_PLUGIN_STRATEGY, "local", st_local_strategy()}};
+    st_plugin_list(stdout, b, 1);
+    return 0;
+  }
+  if (!strcmp(cmd, "train") || !strcmp(cmd, "validate")) {
+    const char **sets = calloc((size_t)argc, sizeof *sets);
+    st_run_options o = {.console = stderr, .progress_tty = -1, .stop = &stop_requested};
+    if (!sets || !parse_run_args(argc - 2, argv + 2, &o, sets)) {
+      free(sets);
+      fputs(usage, stderr);
+      return 2;
+    }
+    const char *slow = getenv("STRATA_TEST_SLOW_SAVE_MS");
+    o.ckpt_slow_write_ms = slow ? (unsigned)atoi(slow) : 0;
+    st_error err;
+    st_error_clear(&err);
+    st_result r;
+    if (!strcmp(cmd, "train")) {
+      signal(SIGINT, on_signal);
+      signal(SIGTERM, on_signal);
+      r = st_train(&o, &err);
+    } else {
+      r = st_validate(&o, stdout, &err);
+    }
+    free(sets);
+    return report(r, &err);
+  }
+  fprintf(stderr, "strata: unknown command '%s'\n\n%s", cmd, usage);
+  return 2;
+}

@@ -1,0 +1,27 @@
+/* trainer.h (internal) — `strata train` and `strata validate`: load the config and the plugins,
+ * then drive the unit loop (DESIGN §3). */
+#ifndef STRATA_RUNTIME_TRAINER_H
+#define STRATA_RUNTIME_TRAINER_H
+
+#include <signal.h>
+
+#include <strata/strata.h>
+
+typedef struct st_run_options {
+  const char *config_path;
+  const char *deepspeed_path;       /* NULL: none */
+  const char *const *sets;          /* --set a.b=v, in order */
+  int n_sets;
+  volatile sig_atomic_t *stop;      /* set by the CLI's SIGINT/SIGTERM handler: save and stop */
+  FILE *console;                    /* progress bar and log lines (stderr) */
+  int progress_tty;                 /* -1 detect, 0 plain lines, 1 bar */
+  unsigned ckpt_slow_write_ms;      /* test hook (STRATA_TEST_SLOW_SAVE_MS) */
+} st_run_options;
+
+/* Train until max_steps / num_epochs; on return the last checkpoint is on disk. */
+st_result st_train(const st_run_options *opt, st_error *err);
+
+/* Resolve everything (plugins included) and print the final config with provenance. */
+st_result st_validate(const st_run_options *opt, FILE *out, st_error *err);
+
+#endif
