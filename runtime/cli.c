@@ -41,6 +41,7 @@ static int exit_code_for(st_result r) {
   case ST_ERR_INVALID_ARGUMENT:
   case ST_ERR_PLUGIN:
   case ST_ERR_NOT_FOUND: return 2;
+  case ST_ERR_INTERRUPTED: return 130;
   default: return 1;
   }
 }

@@ -90,9 +90,9 @@ void K(st_k_rms_bwd_row)(const T *dy, const T *x, const T *w, T rstd, T *dx, T *
 
 static inline T K(gelu_one)(st_gelu_kind kind, T x) {
   switch (kind) {
-  case ST_GELU_TANH: {
+  case ST_GELU_TANH: { /* 0.5 (1 + tanh u) = sigmoid(2u): no cancellation where tanh u -> -1 */
     T u = (T)0.7978845608028654 * (x + (T)0.044715 * x * x * x);
-    return (T)0.5 * x * ((T)1 + TANH(u));
+    return x / ((T)1 + EXP((T)-2 * u));
   }
   case ST_GELU_SIGMOID: return x / ((T)1 + EXP((T)-1.702 * x));
   default: return (T)0.5 * x * ((T)1 + ERF(x * (T)0.7071067811865476));
@@ -103,8 +103,8 @@ static inline T K(gelu_grad_one)(st_gelu_kind kind, T x) {
   switch (kind) {
   case ST_GELU_TANH: {
     const T c = (T)0.7978845608028654, a = (T)0.044715;
-    T t = TANH(c * (x + a * x * x * x));
-    return (T)0.5 * ((T)1 + t) + (T)0.5 * x * ((T)1 - t * t) * c * ((T)1 + (T)3 * a * x * x);
+    T s = (T)1 / ((T)1 + EXP((T)-2 * c * (x + a * x * x * x)));
+    return s + (T)2 * x * s * ((T)1 - s) * c * ((T)1 + (T)3 * a * x * x);
   }
   case ST_GELU_SIGMOID: {
     T s = (T)1 / ((T)1 + EXP((T)-1.702 * x));
