@@ -27,6 +27,8 @@ static const char usage[] =
     "  train CONFIG [--deepspeed DS.json] [--set key.path=value]...   train a model\n"
     "  validate CONFIG [--deepspeed DS.json] [--set ...]   print the resolved config with provenance\n"
     "  launch [--num_processes N ...] [--] strata train CONFIG   start one process per rank\n"
+    "  export CKPT --format safetensors|diffusers|peft --out DIR [--merge-lora]\n"
+    "                          write a checkpoint's weights in an ecosystem layout\n"
     "  env                     versions, SIMD level, cores, NUMA, memory limits, accelerators\n"
     "  plugins                 every plugin found, its ABI version and where it came from\n"
     "  --version, --help\n"
@@ -121,6 +123,26 @@ int st_cli_main(int argc, char **argv) {
     }
     free(sets);
     return report(r, &err);
+  }
+  if (!strcmp(cmd, "export")) {
+    st_export_options eo = {.format = "safetensors"};
+    for (int i = 2; i < argc; i++) {
+      if (!strcmp(argv[i], "--format") && i + 1 < argc) eo.format = argv[++i];
+      else if (!strcmp(argv[i], "--out") && i + 1 < argc) eo.out_dir = argv[++i];
+      else if (!strcmp(argv[i], "--merge-lora")) eo.merge_lora = true;
+      else if (argv[i][0] != '-' && !eo.checkpoint) eo.checkpoint = argv[i];
+      else {
+        fprintf(stderr, "strata export: unexpected argument %s\n\n%s", argv[i], usage);
+        return 2;
+      }
+    }
+    if (!eo.checkpoint || !eo.out_dir) {
+      fprintf(stderr, "strata export: need CKPT and --out DIR\n\n%s", usage);
+      return 2;
+    }
+    st_error err;
+    st_error_clear(&err);
+    return report(st_export(&eo, &err), &err);
   }
   fprintf(stderr, "strata: unknown command '%s'\n\n%s", cmd, usage);
   return 2;

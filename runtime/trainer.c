@@ -3,6 +3,8 @@
  * The trainer owns activation memory: the carries at every unit boundary, each unit's saved set
  * (or, under activation checkpointing, one reusable saved buffer and a replay of the unit's
  * forward before its backward), two gradient carries used in turn, and one shared workspace. */
+#include <dirent.h>
+#include <errno.h>
 #include <math.h>
 #include <stdlib.h>
 #include <sys/stat.h>
@@ -18,6 +20,7 @@
 #include "metrics.h"
 #include "optim.h"
 #include "plugin.h"
+#include "safetensors.h"
 #include "trainer.h"
 
 static double now_s(void) {
@@ -629,6 +632,145 @@ st_result st_train(const st_run_options *opt, st_error *err) {
   st_result r = setup_plugins(&t, err);
   if (r == ST_OK) r = setup_training(&t, err);
   if (r == ST_OK) r = train_loop(&t, err);
+  trainer_free(&t);
+  return r;
+}
+
+/* ---- export ---------------------------------------------------------------------------------- */
+
+typedef struct export_sink {
+  st_tensor_sink pub;
+  st_safetensors_writer *w;
+  const char *dir;
+  int n_tensors;
+} export_sink;
+
+static st_result export_put(st_tensor_sink *sink, const char *name, const st_tensor *t, st_error *err) {
+  export_sink *s = (export_sink *)sink;
+  s->n_tensors++;
+  return st_safetensors_writer_add(s->w, name, t->dtype, t->ndim, t->shape, t->data, true, err);
+}
+
+static st_result export_put_file(st_tensor_sink *sink, const char *filename, const void *bytes, size_t len,
+                                 st_error *err) {
+  export_sink *s = (export_sink *)sink;
+  if (strchr(filename, '/')) return st_error_set(err, ST_ERR_INVALID_ARGUMENT, filename, "export file names are flat");
+  char path[4200];
+  snprintf(path, sizeof path, "%s/%s", s->dir, filename);
+  FILE *f = fopen(path, "wb");
+  if (!f) return st_error_set(err, ST_ERR_IO, path, "cannot write: %s", strerror(errno));
+  bool ok = fwrite(bytes, 1, len, f) == len;
+  ok = (fclose(f) == 0) && ok;
+  return ok ? ST_OK : st_error_set(err, ST_ERR_IO, path, "write failed");
+}
+
+typedef struct export_source {
+  st_param_source pub;
+  source_reader *reader;
+  const st_model_desc *desc;
+} export_source;
+
+static st_result export_read(st_param_source *src, int unit, int param, st_dtype dt, void *dst, st_error *err) {
+  export_source *s = (export_source *)src;
+  if (unit < 0 || unit >= s->desc->n_units || param < 0 || param >= s->desc->units[unit].n_params)
+    return st_error_set(err, ST_ERR_INVALID_ARGUMENT, "export", "no parameter %d of unit %d", param, unit);
+  const st_param_desc *p = &s->desc->units[unit].params[param];
+  int64_t n = 1;
+  for (int d = 0; d < p->ndim; d++) n *= p->shape[d];
+  return source_read(&s->reader->pub, p, ST_STATE_PARAM, 0, n, dt, dst, err);
+}
+
+/* every parameter under its public name, fp32 */
+static st_result export_all(const st_model_desc *d, st_param_source *src, st_tensor_sink *sink, st_error *err) {
+  for (int u = 0; u < d->n_units; u++)
+    for (int k = 0; k < d->units[u].n_params; k++) {
+      const st_param_desc *p = &d->units[u].params[k];
+      st_tensor t = st_tensor_make(NULL, ST_F32, (st_device){ST_DEVICE_CPU, 0}, p->ndim, p->shape);
+      t.data = malloc(st_tensor_nbytes(&t) ? st_tensor_nbytes(&t) : 4);
+      if (!t.data) return st_error_set(err, ST_ERR_OUT_OF_MEMORY, p->name, "export buffer");
+      st_result r = src->read(src, u, k, ST_F32, t.data, err);
+      if (r == ST_OK) r = sink->put(sink, p->name, &t, err);
+      free(t.data);
+      if (r != ST_OK) return r;
+    }
+  return ST_OK;
+}
+
+st_result st_export(const st_export_options *eo, st_error *err) {
+  char config_path[4200];
+  snprintf(config_path, sizeof config_path, "%s/config.json", eo->checkpoint);
+  struct stat sb;
+  if (stat(config_path, &sb) != 0)
+    return st_error_set(err, ST_ERR_NOT_FOUND, eo->checkpoint, "not a strata checkpoint directory (no config.json)");
+  static const struct { const char *format, *file; } files[] = {
+      {"safetensors", "model.safetensors"}, {"diffusers", "diffusion_pytorch_model.safetensors"},
+      {"peft", "adapter_model.safetensors"}, {"transformers", "model.safetensors"}};
+  const char *tensor_file = NULL;
+  for (size_t i = 0; i < sizeof files / sizeof files[0]; i++)
+    if (!strcmp(files[i].format, eo->format)) tensor_file = files[i].file;
+  if (!tensor_file)
+    return st_error_set(err, ST_ERR_INVALID_ARGUMENT, "--format", "unknown format '%s' (safetensors, diffusers, peft, "
+                        "transformers)", eo->format);
+  trainer t = {.opt = {.config_path = config_path, .console = stderr}};
+  source_reader sr = {.pub = {.read = source_read}, .t = &t};
+  sr.pub.self = &sr;
+  export_sink sink = {.pub = {.put = export_put, .put_file = export_put_file}};
+  sink.pub.self = &sink;
+  char tmp[4200];
+  snprintf(tmp, sizeof tmp, "%s.tmp", eo->out_dir);
+  sink.dir = tmp;
+  st_result r = setup_plugins(&t, err);
+  if (r == ST_OK) r = st_tensor_store_open_checkpoint(eo->checkpoint, &sr.ckpt, err);
+  const char *weights = NULL;
+  if (r == ST_OK && st_config_node(t.cfg, "model.weights"))
+    r = st_config_api()->get_string(st_config_node(t.cfg, "model"), "weights", NULL, &weights, err);
+  if (r == ST_OK && weights) r = st_tensor_store_open_weights(weights, &sr.weights, err);
+  if (r == ST_OK) {
+    if (mkdir(tmp, 0755) != 0 && errno != EEXIST)
+      r = st_error_set(err, ST_ERR_IO, tmp, "cannot create: %s", strerror(errno));
+  }
+  if (r == ST_OK) r = st_safetensors_writer_create(&sink.w, err);
+  export_source src = {.pub = {.read = export_read}, .reader = &sr, .desc = t.desc};
+  src.pub.self = &src;
+  if (r == ST_OK) {
+    bool generic = !strcmp(eo->format, "safetensors") || !t.model->export_weights;
+    if (generic && strcmp(eo->format, "safetensors") != 0)
+      st_log(t.logger, ST_LOG_WARN, "model %s has no %s exporter: writing plain safetensors", t.model->header.name,
+             eo->format);
+    r = generic ? export_all(t.desc, &src.pub, &sink.pub, err)
+                : t.model->export_weights(t.mctx, eo->format, eo->merge_lora, &src.pub, &sink.pub, err);
+  }
+  if (r == ST_OK && sink.n_tensors > 0) {
+    char path[4300];
+    snprintf(path, sizeof path, "%s/%s", tmp, tensor_file);
+    r = st_safetensors_writer_finish(sink.w, path, true, err);
+  }
+  st_safetensors_writer_free(sink.w);
+  st_tensor_store_close(sr.ckpt);
+  st_tensor_store_close(sr.weights);
+  if (r == ST_OK) {
+    char old[4300];
+    snprintf(old, sizeof old, "%s.old", eo->out_dir);
+    if (stat(eo->out_dir, &sb) == 0 && rename(eo->out_dir, old) != 0)
+      r = st_error_set(err, ST_ERR_IO, eo->out_dir, "cannot replace: %s", strerror(errno));
+    if (r == ST_OK && rename(tmp, eo->out_dir) != 0)
+      r = st_error_set(err, ST_ERR_IO, eo->out_dir, "cannot move the export into place: %s", strerror(errno));
+    if (r == ST_OK) {
+      if (stat(old, &sb) == 0) { /* an export folder is flat: its files, then itself */
+        DIR *d = opendir(old);
+        struct dirent *e;
+        char path[8800];
+        while (d && (e = readdir(d))) {
+          if (e->d_name[0] == '.') continue;
+          snprintf(path, sizeof path, "%s/%s", old, e->d_name);
+          unlink(path);
+        }
+        if (d) closedir(d);
+        rmdir(old);
+      }
+      st_log(t.logger, ST_LOG_INFO, "exported %s (%s) to %s", eo->checkpoint, eo->format, eo->out_dir);
+    }
+  }
   trainer_free(&t);
   return r;
 }

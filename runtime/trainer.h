@@ -24,4 +24,14 @@ st_result st_train(const st_run_options *opt, st_error *err);
 /* Resolve everything (plugins included) and print the final config with provenance. */
 st_result st_validate(const st_run_options *opt, FILE *out, st_error *err);
 
+/* `strata export CKPT --format F --out DIR`: the checkpoint's weights in an ecosystem layout,
+ * written to DIR.tmp and renamed into place. */
+typedef struct st_export_options {
+  const char *checkpoint; /* a step directory */
+  const char *format;     /* safetensors | diffusers | peft | transformers */
+  const char *out_dir;
+  bool merge_lora;
+} st_export_options;
+st_result st_export(const st_export_options *opt, st_error *err);
+
 #endif
