@@ -9,6 +9,8 @@
 #include <strata/host.h>
 #include <strata/ops.h>
 
+#include <math.h>
+
 typedef struct st_config st_config;
 
 typedef enum st_prov {
@@ -119,9 +121,28 @@ st_result st_config_extract(st_config *c, st_settings *out, st_error *err);
  * zero_optimization bucket sizes from hidden_size. Re-extracts into *out. */
 st_result st_config_resolve(st_config *c, int dp_world_size, int64_t hidden_size, st_settings *out, st_error *err);
 
+/* st_config_extract leaves these where a value is still "auto" (or, for the batch triple, not given
+ * yet); st_config_resolve replaces every one. Booleans have no sentinel: an unresolved "auto"
+ * (fp16/bf16.enabled) reads as false, which is what resolution makes it. */
+#define ST_CONFIG_AUTO_INT INT64_MIN
+#define ST_CONFIG_AUTO_NUMBER ((double)NAN)
+static inline bool st_config_is_auto_int(int64_t v) { return v == ST_CONFIG_AUTO_INT; }
+static inline bool st_config_is_auto_number(double v) { return v != v; }
+
+/* Where the value at `dotted_path` came from (the nearest recorded ancestor for a path inside a
+ * value; ST_PROV_DEFAULT for one never set). */
+st_prov st_config_provenance(const st_config *c, const char *dotted_path);
+
+/* The top-level keys present in the config that strata accepts as valid DeepSpeed configuration but
+ * does not act on (wandb, comet, flops_profiler, comms_logger, checkpoint, data_types, elasticity,
+ * aio, ...), so the trainer can warn "ignored". Fills up to `cap` names (static strings) and returns
+ * how many there are. */
+size_t st_config_ignored_keys(const st_config *c, const char **keys, size_t cap);
+
 /* `strata validate`: the resolved config, one leaf per line: "key.path = value    (provenance)". */
 void st_config_print_resolved(st_config *c, FILE *out);
-/* The resolved config as pretty JSON (saved into every checkpoint). Caller frees with free(). */
+/* The resolved config as pretty JSON with sorted keys (saved into every checkpoint). Caller frees
+ * with free(). The st_cfg_api to_json result is malloc'd too: free() it (host.h says "host free"). */
 char *st_config_to_json(st_config *c);
 
 #endif /* STRATA_RUNTIME_CONFIG_H */

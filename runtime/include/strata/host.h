@@ -48,7 +48,7 @@ typedef struct st_cfg_api {
   /* every key of obj must be in `allowed` (NULL-terminated); else ST_ERR_CONFIG with the key path
    * and the closest allowed key */
   st_result (*check_keys)(const st_cfg *obj, const char *const *allowed, st_error *err);
-  /* the node serialized as compact JSON (for fingerprints and logs); caller frees with host free */
+  /* the node serialized as compact JSON (for fingerprints and logs); the caller free()s it */
   char *(*to_json)(const st_cfg *node);
 } st_cfg_api;
 
