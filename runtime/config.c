@@ -609,6 +609,8 @@ static char *api_to_json(const st_cfg *node) {
   return node ? dup_json_text(node->node, JSON_COMPACT | JSON_SORT_KEYS) : NULL;
 }
 
+static st_cfg *api_root(const st_cfg *node) { return node ? st_config_root(node->owner) : NULL; }
+
 static const st_cfg_api cfg_api = {
     .struct_size = sizeof(st_cfg_api),
     .type = api_type,
@@ -624,6 +626,7 @@ static const st_cfg_api cfg_api = {
     .get_number_list = api_get_number_list,
     .check_keys = api_check_keys,
     .to_json = api_to_json,
+    .root = api_root,
 };
 
 const st_cfg_api *st_config_api(void) { return &cfg_api; }

@@ -165,7 +165,8 @@ static st_result setup_plugins(trainer *t, st_error *err) {
   ST_CHECK(t->model->init(t->host, model_cfg, &t->mctx, err));
   t->desc = t->model->describe(t->mctx);
   ST_CHECK(st_config_resolve(t->cfg, t->world_size, t->desc->hidden_size, s, err));
-  st_cfg *strategy_cfg = st_config_node(t->cfg, "strategy");
+  st_cfg *strategy_cfg; /* created when absent, so the strategy can still reach the root */
+  ST_CHECK(st_config_api()->get_object(st_config_root(t->cfg), "strategy", true, &strategy_cfg, err));
   ST_CHECK(t->strategy->validate(strategy_cfg, st_config_api(), err));
   return ST_OK;
 }
@@ -508,6 +509,11 @@ static st_result setup_training(trainer *t, st_error *err) {
     st_log(t->logger, ST_LOG_WARN, "%s is enabled but the model computes in %s on this device",
            t->s.precision.dtype == ST_BF16 ? "bf16" : "fp16", st_dtype_name(pd));
   ST_CHECK(t->strategy->init(t->host, st_config_node(t->cfg, "strategy"), &setup, &t->sctx, err));
+  const char *ignored[16];
+  int n_ignored = st_config_ignored_keys(t->cfg, ignored, 16);
+  for (int i = 0; i < n_ignored && i < 16; i++)
+    st_log(t->logger, ST_LOG_WARN, "config block \"%s\" is a DeepSpeed feature strata does not implement: ignored",
+           ignored[i]);
   st_loss_scaler_init(&t->scaler, &t->s.precision);
   t->ts.seed = t->s.seed;
   t->ts.world_size = t->world_size;

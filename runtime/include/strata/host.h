@@ -50,6 +50,9 @@ typedef struct st_cfg_api {
   st_result (*check_keys)(const st_cfg *obj, const char *const *allowed, st_error *err);
   /* the node serialized as compact JSON (for fingerprints and logs); the caller free()s it */
   char *(*to_json)(const st_cfg *node);
+  /* the root of the whole config, so a strategy handed its own block can read DeepSpeed's top-level
+   * blocks (zero_optimization, fp16, ...) */
+  st_cfg *(*root)(const st_cfg *node);
 } st_cfg_api;
 
 /* Counter-based random numbers: the same (seed, stream, index) gives the same number on every
