@@ -50,7 +50,9 @@ static int exit_code_for(st_result r) {
 
 static int report(st_result r, const st_error *err) {
   if (r == ST_OK) return 0;
-  fprintf(stderr, "strata: error: %s%s%s\n", err->where, err->where[0] ? ": " : "", err->message);
+  /* messages that already start with their file name or key path are printed as they are */
+  bool show_where = err->where[0] && strncmp(err->message, err->where, strlen(err->where)) != 0;
+  fprintf(stderr, "strata: error: %s%s%s\n", show_where ? err->where : "", show_where ? ": " : "", err->message);
   fprintf(stderr, "strata: %s\n", st_result_string(r));
   return exit_code_for(r);
 }

@@ -35,10 +35,26 @@ const void *st_safetensors_data(const st_safetensors *f, const st_st_entry *e);
 st_tensor st_safetensors_tensor(const st_safetensors *f, const st_st_entry *e);
 const char *st_safetensors_metadata(const st_safetensors *f, const char *key); /* NULL if absent */
 const char *st_safetensors_path(const st_safetensors *f);
+/* Fault the data section in (one read per page) so that a later reader does not wait on the disk:
+ * the data loader's prefetch thread calls it. A no-op for buffers from open_memory. */
+void st_safetensors_populate(const st_safetensors *f);
 
-/* Writer: tensors are laid out in the order added; `data` must stay valid until finish unless
+/* Writer: the header lists tensors in the order added; `data` must stay valid until finish unless
  * copy is true. finish writes to `path` directly (callers that need atomicity write into a
- * temporary directory and rename it), fsyncs when asked, and closes. */
+ * temporary directory and rename it), fsyncs when asked, and closes: it always frees the writer,
+ * on success and on failure (a failed finish removes the partial file), so do not call
+ * st_safetensors_writer_free after it; writer_free is for a writer abandoned unfinished.
+ * The header is {"__metadata__": {...}, tensors in the order added}, padded with spaces to a
+ * multiple of 8 bytes; the data section groups tensors by element size (8, 4, 2, 1 bytes, in the
+ * order added within a size) so that each is aligned, as the Rust library does. Adding a name
+ * twice is an error; setting a metadata key twice keeps the last value.
+ *
+ * Reader notes: entries are in header order; st_safetensors_find is a binary search. Tensor views
+ * point into the read-only mapping (or the caller's buffer) and are aligned to their element size:
+ * a tensor that a hand-made file stores misaligned gets an aligned copy. Dtypes: F32 F64 BF16 F16
+ * I32 I64 U8 (BOOL reads as U8); the other safetensors dtypes (I8, F8_*, ...) are
+ * ST_ERR_UNSUPPORTED naming the dtype. Errors set `where` to the file name and start the message
+ * with it. */
 typedef struct st_safetensors_writer st_safetensors_writer;
 st_result st_safetensors_writer_create(st_safetensors_writer **out, st_error *err);
 st_result st_safetensors_writer_add(st_safetensors_writer *w, const char *name, st_dtype dt, int ndim,

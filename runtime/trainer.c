@@ -750,6 +750,7 @@ st_result st_export(const st_export_options *eo, st_error *err) {
     char path[4300];
     snprintf(path, sizeof path, "%s/%s", tmp, tensor_file);
     r = st_safetensors_writer_finish(sink.w, path, true, err);
+    sink.w = NULL; /* finish frees the writer, whatever it returns */
   }
   st_safetensors_writer_free(sink.w);
   st_tensor_store_close(sr.ckpt);
