@@ -10,27 +10,13 @@
 #include <unistd.h>
 
 #include "checkpoint.h"
+#include "fsutil.h"
 #include "safetensors.h"
 
 static const char *const kind_tags[ST_STATE_KIND_COUNT] = {"param", "exp_avg", "exp_avg_sq"};
 
 /* ------------------------------------------------------------------------------------------ */
 /* small file-system helpers                                                                  */
-
-static st_result mkdir_p(const char *path, st_error *err) {
-  char buf[4096];
-  snprintf(buf, sizeof buf, "%s", path);
-  for (char *p = buf + 1; *p; p++) {
-    if (*p != '/') continue;
-    *p = '\0';
-    if (mkdir(buf, 0755) != 0 && errno != EEXIST)
-      return st_error_set(err, ST_ERR_IO, buf, "cannot create directory: %s", strerror(errno));
-    *p = '/';
-  }
-  if (mkdir(buf, 0755) != 0 && errno != EEXIST)
-    return st_error_set(err, ST_ERR_IO, buf, "cannot create directory: %s", strerror(errno));
-  return ST_OK;
-}
 
 static int rm_entry(const char *path, const struct stat *sb, int flag, struct FTW *ftw) {
   (void)sb;
@@ -235,7 +221,7 @@ st_result st_ckpt_save(const st_ckpt_options *opt, const st_strategy_plugin_v1 *
   snprintf(name, sizeof name, "step-%06lld", (long long)ts->step);
   snprintf(tmp, sizeof tmp, "%s/.%s.tmp", opt->output_path, name);
   snprintf(final, sizeof final, "%s/%s", opt->output_path, name);
-  ST_CHECK(mkdir_p(opt->output_path, err));
+  ST_CHECK(st_mkdir_p(opt->output_path, err));
   if (opt->rank == 0) {
     rm_rf(tmp); /* left over from a crash */
     if (mkdir(tmp, 0755) != 0)

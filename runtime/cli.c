@@ -6,6 +6,7 @@
 
 #include "cli.h"
 #include "env.h"
+#include "local_comm.h"
 #include "local_strategy.h"
 #include "plugin.h"
 #include "trainer.h"
@@ -99,8 +100,9 @@ int st_cli_main(int argc, char **argv) {
     return 0;
   }
   if (!strcmp(cmd, "plugins")) {
-    st_plugin_builtin b[1] = {{ST_PLUGIN_STRATEGY, "local", st_local_strategy()}};
-    st_plugin_list(stdout, b, 1);
+    st_plugin_builtin b[2] = {{ST_PLUGIN_STRATEGY, "local", st_local_strategy()},
+                              {ST_PLUGIN_COMM, "local", st_local_comm()}};
+    st_plugin_list(stdout, b, 2);
     return 0;
   }
   if (!strcmp(cmd, "train") || !strcmp(cmd, "validate")) {

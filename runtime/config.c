@@ -661,13 +661,14 @@ void st_config_free(st_config *c) {
   free(c);
 }
 
+/* A config that is not valid JSON is a configuration error (exit code 2), not a damaged data file. */
 static st_result parse_text(const char *text, size_t len, const char *name, json_t **out, st_error *err) {
   json_error_t je;
   json_t *j = json_loadb(text, len, JSON_REJECT_DUPLICATES, &je);
-  if (!j) return st_error_set(err, ST_ERR_FORMAT, name, "%s:%d:%d: %s", name, je.line, je.column, je.text);
+  if (!j) return st_error_set(err, ST_ERR_CONFIG, name, "%s:%d:%d: %s", name, je.line, je.column, je.text);
   if (!json_is_object(j)) {
     json_decref(j);
-    return st_error_set(err, ST_ERR_FORMAT, name, "%s: the top level must be a JSON object ({...})", name);
+    return st_error_set(err, ST_ERR_CONFIG, name, "%s: the top level must be a JSON object ({...})", name);
   }
   *out = j;
   return ST_OK;

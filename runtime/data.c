@@ -19,6 +19,7 @@
 #include <sys/stat.h>
 #include <unistd.h>
 
+#include "fsutil.h"
 #include "safetensors.h"
 
 /* ---------------------------------------------------------------------------------------------
@@ -745,30 +746,6 @@ static st_result synth_put_file(st_tensor_sink *sink, const char *filename, cons
                       "a synthetic sample holds tensors only; put_file(%s) is not supported", filename ? filename : "");
 }
 
-static st_result mkdir_p(const char *dir, st_error *err) {
-  char *p = strdup(dir);
-  if (!p) return st_error_set(err, ST_ERR_OUT_OF_MEMORY, dir, "out of memory");
-  st_result r = ST_OK;
-  for (char *s = p + 1;; s++) {
-    if (*s != '/' && *s != '\0') continue;
-    char c = *s;
-    *s = '\0';
-    if (mkdir(p, 0755) != 0 && errno != EEXIST) {
-      r = st_error_set(err, ST_ERR_IO, dir, "cannot create the directory %s: %s", p, strerror(errno));
-      break;
-    }
-    *s = c;
-    if (c == '\0') break;
-  }
-  free(p);
-  if (r == ST_OK) {
-    struct stat sb;
-    if (stat(dir, &sb) != 0 || !S_ISDIR(sb.st_mode))
-      r = st_error_set(err, ST_ERR_IO, dir, "%s exists and is not a directory", dir);
-  }
-  return r;
-}
-
 /* write bytes to dir/name through a temporary name and a rename */
 static st_result write_atomic(const char *dir, const char *name, const char *bytes, size_t len, st_error *err) {
   char tmp[4200], final_path[4200];
@@ -835,7 +812,7 @@ st_result st_dataset_synthesize(const char *dir, int64_t n, uint64_t seed,
   if (!dir || !synth || n < 1)
     return st_error_set(err, ST_ERR_INVALID_ARGUMENT, "data.synthetic", "synthesize: needs a directory, a synth "
                         "function and at least one sample (n = %lld)", (long long)n);
-  ST_CHECK(mkdir_p(dir, err));
+  ST_CHECK(st_mkdir_p(dir, err));
   if (synth_is_done(dir, n, seed)) return ST_OK;
   char path[4200], tmp[4200];
   snprintf(path, sizeof path, "%s/%s", dir, SYNTH_STAMP);

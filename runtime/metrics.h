@@ -13,6 +13,9 @@ void st_logger_free(st_logger *l);
 void st_log(st_logger *l, st_log_level level, const char *fmt, ...) ST_PRINTF(3, 4);
 void st_logv(st_logger *l, st_log_level level, const char *fmt, va_list ap);
 bool st_log_enabled(const st_logger *l, st_log_level level);
+/* while a progress bar is shown, log lines go through st_progress_message (NULL: straight out) */
+struct st_progress;
+void st_logger_set_progress(st_logger *l, struct st_progress *p);
 
 /* ---- tfevents.c: TensorBoard event files written directly --------------------------------- */
 /* TFRecord framing: u64 length, u32 masked crc32c(length), data, u32 masked crc32c(data); each
@@ -33,6 +36,9 @@ typedef struct st_metrics_options {
   const char *jsonl_path;      /* NULL: off */
   const char *tensorboard_dir; /* NULL: off */
   const char *csv_path;        /* NULL: off; header row from the first step's tags */
+  /* jsonl/csv lines of steps after this one are dropped from existing files (a resumed run
+   * rewrites the steps it repeats); 0 starts the files afresh */
+  int64_t keep_through_step;
 } st_metrics_options;
 
 typedef struct st_metrics st_metrics;

@@ -1,8 +1,9 @@
 /* plugin.h (internal) — finding, opening and checking plugin shared objects.
  *
  * A name maps to libstrata-<kind>-<name>.so, searched in: each folder of STRATA_PLUGIN_PATH
- * (colon-separated), the build tree (ST_BUILD_ROOT/{models,strategies,plugins}/<name>/ and
- * ST_BUILD_ROOT/tests/plugin/), then the installed plugindir (ST_PLUGINDIR). Anything containing a
+ * (colon-separated), the build tree (ST_BUILD_ROOT/{models,strategies,plugins}/<name>/, and
+ * plugins/comm_<name>/ for comm backends), then the installed plugindir (ST_PLUGINDIR). The
+ * loader test's deliberately broken plugins are reached through STRATA_PLUGIN_PATH only. Anything containing a
  * '/' is taken as a path. Opened with RTLD_NOW|RTLD_LOCAL; symbols probed newest ABI first
  * (strata_<kind>_plugin_v<N>); the header is checked (abi_version, struct_size large enough for
  * every required method, kind, name equal to the file's, fingerprint's abi and cuda parts) and

@@ -101,6 +101,7 @@ static void read_world(trainer *t) {
 }
 
 static void trainer_free(trainer *t) {
+  st_logger_set_progress(t->logger, NULL);
   if (t->progress) st_progress_finish(t->progress);
   st_metrics_close(t->metrics);
   st_dataset_close(t->data);
@@ -128,6 +129,14 @@ static void trainer_free(trainer *t) {
 
 /* ---- plugin set-up shared by train and validate ------------------------------------------- */
 
+/* a load failure for a configured name points at the config key that named it */
+static st_result load_configured(st_plugin_kind kind, const char *ref, const char *key, const st_plugin_builtin *b,
+                                 int nb, st_plugin *out, st_error *err) {
+  st_result r = st_plugin_load(kind, ref, b, nb, out, err);
+  if (r != ST_OK && err && !err->where[0]) snprintf(err->where, sizeof err->where, "%s", key);
+  return r;
+}
+
 static st_result setup_plugins(trainer *t, st_error *err) {
   st_settings *s = &t->s;
   ST_CHECK(st_config_load(t->opt.config_path, t->opt.deepspeed_path, t->opt.sets, t->opt.n_sets, &t->cfg, err));
@@ -146,12 +155,14 @@ static st_result setup_plugins(trainer *t, st_error *err) {
 
   const char *model_ref = s->model_plugin ? s->model_plugin : s->model_name;
   if (!model_ref) return st_error_set(err, ST_ERR_CONFIG, "model.name", "no model: set model.name (or model.plugin)");
-  ST_CHECK(st_plugin_load(ST_PLUGIN_MODEL, model_ref, NULL, 0, &t->model_plugin, err));
+  ST_CHECK(load_configured(ST_PLUGIN_MODEL, model_ref, s->model_plugin ? "model.plugin" : "model.name", NULL, 0,
+                           &t->model_plugin, err));
   t->model = t->model_plugin.v.model;
 
   st_plugin_builtin b[1] = {{ST_PLUGIN_STRATEGY, "local", st_local_strategy()}};
   const char *strategy_ref = s->strategy_plugin ? s->strategy_plugin : (s->strategy_name ? s->strategy_name : "local");
-  ST_CHECK(st_plugin_load(ST_PLUGIN_STRATEGY, strategy_ref, b, 1, &t->strategy_plugin, err));
+  ST_CHECK(load_configured(ST_PLUGIN_STRATEGY, strategy_ref, s->strategy_plugin ? "strategy.plugin" : "strategy.name",
+                           b, 1, &t->strategy_plugin, err));
   t->strategy = t->strategy_plugin.v.strategy;
 
   st_host_options ho = {.ops = t->ops, .cpu_ops = t->ops, .log_sink = log_sink, .log_user = t->logger,
@@ -453,7 +464,7 @@ static st_result open_outputs(trainer *t, st_error *err) {
   if (t->s.csv_path) snprintf(csv, sizeof csv, "%s", t->s.csv_path);
   else snprintf(csv, sizeof csv, "%s/metrics.csv", t->s.output_path);
   st_metrics_options mo = {.jsonl_path = jsonl, .tensorboard_dir = t->s.tensorboard ? tb : NULL,
-                           .csv_path = t->s.csv_monitor ? csv : NULL};
+                           .csv_path = t->s.csv_monitor ? csv : NULL, .keep_through_step = t->ts.step};
   return st_metrics_open(&mo, &t->metrics, err);
 }
 
@@ -562,6 +573,7 @@ static st_result train_loop(trainer *t, st_error *err) {
   if (t->rank == 0)
     t->progress = st_progress_create(t->opt.console ? t->opt.console : stderr, total, t->ts.step, t->opt.progress_tty,
                                      t->s.steps_per_print > 0 ? t->s.steps_per_print : 10);
+  st_logger_set_progress(t->logger, t->progress);
   st_log(t->logger, ST_LOG_INFO, "training %s with %s: %lld parameters in %d units, %lld steps of %lld samples "
          "(micro-batch %lld x %lld accumulation x %d rank(s))", t->model->header.name, t->strategy->header.name,
          (long long)t->desc->n_params_total, t->desc->n_units, (long long)total, (long long)t->s.train_batch_size,

@@ -37,12 +37,13 @@ static int st_test_checks_ = 0;
 #define CHECK_RESULT(expr, expected, errp)                                                         \
   do {                                                                                             \
     int st_r_ = (int)(expr);                                                                       \
+    const st_error *st_e_ = (errp); /* a variable, so `&err` does not trip -Waddress */             \
     st_test_checks_++;                                                                             \
     if (st_r_ != (int)(expected)) {                                                                \
       st_test_failures_++;                                                                         \
       fprintf(stderr, "%s:%d: %s returned %d, expected %d (%s%s%s)\n", __FILE__, __LINE__, #expr,  \
-              st_r_, (int)(expected), (errp) ? (errp)->where : "", (errp) ? ": " : "",             \
-              (errp) ? (errp)->message : "");                                                      \
+              st_r_, (int)(expected), st_e_ ? st_e_->where : "", st_e_ ? ": " : "",                \
+              st_e_ ? st_e_->message : "");                                                        \
     }                                                                                              \
   } while (0)
 #define CHECK_OK(expr, errp) CHECK_RESULT(expr, 0, errp)

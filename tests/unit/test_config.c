@@ -85,21 +85,21 @@ static void test_syntax_errors(void) {
   st_error err_, *err = &err_;
   st_config *c = NULL;
   /* the '}' that makes the value missing is line 3, column 8 (1-based): `  "b": }` */
-  CHECK_RESULT(st_config_load_string("{\n  \"a\": 1,\n  \"b\": }\n", "bad.json", &c, err), ST_ERR_FORMAT, err);
+  CHECK_RESULT(st_config_load_string("{\n  \"a\": 1,\n  \"b\": }\n", "bad.json", &c, err), ST_ERR_CONFIG, err);
   CHECK_CONTAINS(err->message, "bad.json:3:8: ");
   CHECK(c == NULL);
 
   CHECK_RESULT(st_config_load_string("{\"train\": {\"seed\": 1,\n \"seed\": 2}}", "dup.json", &c, err),
-               ST_ERR_FORMAT, err);
+               ST_ERR_CONFIG, err);
   CHECK_CONTAINS(err->message, "dup.json:2:");
   CHECK_CONTAINS(err->message, "duplicate object key");
 
-  CHECK_RESULT(st_config_load_string("[1, 2]", "arr.json", &c, err), ST_ERR_FORMAT, err);
+  CHECK_RESULT(st_config_load_string("[1, 2]", "arr.json", &c, err), ST_ERR_CONFIG, err);
   CHECK_CONTAINS(err->message, "top level must be a JSON object");
 
   /* the same from a file, and a missing file */
   const char *bad = write_tmp("bad.json", "{\"train\": {\"max_steps\": 10,}}");
-  CHECK_RESULT(st_config_load(bad, NULL, NULL, 0, &c, err), ST_ERR_FORMAT, err);
+  CHECK_RESULT(st_config_load(bad, NULL, NULL, 0, &c, err), ST_ERR_CONFIG, err);
   char expect[600];
   snprintf(expect, sizeof expect, "%s:1:", bad);
   CHECK_CONTAINS(err->message, expect);

@@ -154,7 +154,8 @@ typedef struct st_plugin_header {
   const char *fingerprint; /* ST_BUILD_FINGERPRINT */
 } st_plugin_header;
 
-/* "abi=1;cuda=12;cc=gcc-12": the ABI and CUDA major must match the core's; the compiler is
+/* "abi=1;cuda=12;cc=gcc-12": the ABI must match the core's; a plugin with cuda=N>0 loads only into
+ * a core built for the same CUDA major, one with cuda=0 (CPU-only) into any core; the compiler is
  * informational. Plugins built with CUDA define ST_CUDA_MAJOR before including strata headers. */
 #ifndef ST_CUDA_MAJOR
 #define ST_CUDA_MAJOR 0

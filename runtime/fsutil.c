@@ -1,0 +1,31 @@
+/* fsutil.c — small file-system helpers shared by the writers. */
+#include <errno.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/stat.h>
+
+#include "fsutil.h"
+
+st_result st_mkdir_p(const char *dir, st_error *err) {
+  char *p = strdup(dir);
+  if (!p) return st_error_set(err, ST_ERR_OUT_OF_MEMORY, dir, "out of memory");
+  st_result r = ST_OK;
+  for (char *s = p + 1;; s++) {
+    if (*s != '/' && *s != '\0') continue;
+    char c = *s;
+    *s = '\0';
+    if (mkdir(p, 0755) != 0 && errno != EEXIST) {
+      r = st_error_set(err, ST_ERR_IO, dir, "cannot create the directory %s: %s", p, strerror(errno));
+      break;
+    }
+    *s = c;
+    if (c == '\0') break;
+  }
+  free(p);
+  if (r == ST_OK) {
+    struct stat sb;
+    if (stat(dir, &sb) != 0 || !S_ISDIR(sb.st_mode))
+      r = st_error_set(err, ST_ERR_IO, dir, "%s exists and is not a directory", dir);
+  }
+  return r;
+}
