@@ -4,6 +4,7 @@
 #include <fcntl.h>
 #include <ftw.h>
 #include <jansson.h>
+#include <math.h>
 #include <stdlib.h>
 #include <sys/stat.h>
 #include <time.h>
@@ -78,6 +79,7 @@ typedef struct ckpt_writer {
   shard *model_shards;
   int n_model_shards;
   json_t *weight_map; /* name -> shard index (as integer), for the index json */
+  int n_full_params;  /* parameters rank 0 received whole */
   st_safetensors_writer *rank_file;
   uint64_t total_model_bytes;
 } ckpt_writer;
@@ -109,6 +111,7 @@ static st_result ckpt_write(st_state_writer *sw, const st_param_desc *param, st_
     cur->bytes += bytes;
     w->total_model_bytes += bytes;
     json_object_set_new(w->weight_map, param->name, json_integer(w->n_model_shards - 1));
+    w->n_full_params++;
     return ST_OK;
   }
   char name[1024], key[1100], shape_json[256];
@@ -135,6 +138,16 @@ static st_result write_model_files(ckpt_writer *w, const char *tmp, st_error *er
   int n = w->n_model_shards;
   if (n == 0) return ST_OK;
   char path[4200];
+  if (w->opt->n_param_tensors > 0 && w->n_full_params < w->opt->n_param_tensors) {
+    /* a sharded strategy: not a loadable model file, so it must not look like one */
+    for (int i = 0; i < n; i++) {
+      snprintf(path, sizeof path, "%s/model-partial-rank%05d-%05d.safetensors", tmp, w->opt->rank, i + 1);
+      st_result r = st_safetensors_writer_finish(w->model_shards[i].w, path, true, err);
+      w->model_shards[i].w = NULL;
+      if (r != ST_OK) return r;
+    }
+    return ST_OK;
+  }
   if (n == 1) {
     snprintf(path, sizeof path, "%s/model.safetensors", tmp);
     ST_CHECK(st_safetensors_writer_finish(w->model_shards[0].w, path, true, err));
@@ -171,7 +184,7 @@ static st_result write_model_files(ckpt_writer *w, const char *tmp, st_error *er
 
 static char *trainer_state_json(const st_trainer_state *ts) {
   json_t *o = json_pack("{s:I, s:I, s:I, s:f, s:I, s:I, s:i, s:s, s:i, s:s, s:s, s:s}", "step", (json_int_t)ts->step,
-                        "data_cursor", (json_int_t)ts->data_cursor, "bad_steps", (json_int_t)ts->bad_steps,
+                        "samples_seen", (json_int_t)ts->samples_seen, "bad_steps", (json_int_t)ts->bad_steps,
                         "loss_scale", ts->loss_scale, "scaler_iteration", (json_int_t)ts->scaler_iteration,
                         "scaler_last_overflow", (json_int_t)ts->scaler_last_overflow, "scaler_hysteresis_left",
                         ts->scaler_hysteresis_left, "seed", "", "world_size", ts->world_size, "model", ts->model,
@@ -180,6 +193,7 @@ static char *trainer_state_json(const st_trainer_state *ts) {
   char seed[32];
   snprintf(seed, sizeof seed, "%llu", (unsigned long long)ts->seed); /* u64 does not fit a JSON integer */
   json_object_set_new(o, "seed", json_string(seed));
+  if (isfinite(ts->val_loss)) json_object_set_new(o, "val_loss", json_real(ts->val_loss));
   char *text = json_dumps(o, JSON_INDENT(2) | JSON_SORT_KEYS);
   json_decref(o);
   return text;
@@ -187,23 +201,78 @@ static char *trainer_state_json(const st_trainer_state *ts) {
 
 static int cmp_str(const void *a, const void *b) { return strcmp(*(char *const *)a, *(char *const *)b); }
 
-/* keep the newest keep_last step-* directories; never the one `latest` names */
-static void prune(const char *out, int64_t keep_last, const char *latest) {
-  if (keep_last <= 0) return;
+/* step-* directory names of `out`, sorted (oldest first); *n set; NULL when none */
+static char **step_dirs(const char *out, size_t *n) {
+  *n = 0;
   DIR *d = opendir(out);
-  if (!d) return;
+  if (!d) return NULL;
   char **names = NULL;
-  size_t n = 0;
   struct dirent *e;
   while ((e = readdir(d))) {
     if (strncmp(e->d_name, "step-", 5) != 0 || strchr(e->d_name, '.')) continue;
-    char **grown = realloc(names, sizeof *names * (n + 1));
+    char **grown = realloc(names, sizeof *names * (*n + 1));
     if (!grown) break;
     names = grown;
-    names[n++] = strdup(e->d_name);
+    names[(*n)++] = strdup(e->d_name);
   }
   closedir(d);
-  qsort(names, n, sizeof *names, cmp_str);
+  if (names) qsort(names, *n, sizeof *names, cmp_str);
+  return names;
+}
+
+typedef struct scored {
+  char *name;
+  double value; /* monitored value, sign-flipped for "max" so lower is better; NAN when unknown */
+} scored;
+
+static int cmp_scored(const void *a, const void *b) {
+  double x = ((const scored *)a)->value, y = ((const scored *)b)->value;
+  if (isnan(x) || isnan(y)) return isnan(x) - isnan(y); /* unknown last */
+  return (x > y) - (x < y);
+}
+
+/* train.checkpoint: keep the save_top_k best by val_loss plus the newest (which `latest` names);
+ * point `best` at the best one. Checkpoints that never saw a validation count as the worst. */
+static st_result select_best(const st_ckpt_options *opt, const char *latest, st_error *err) {
+  size_t n;
+  char **names = step_dirs(opt->output_path, &n);
+  scored *sc = calloc(n ? n : 1, sizeof *sc);
+  st_result r = sc ? ST_OK : st_error_set(err, ST_ERR_OUT_OF_MEMORY, opt->output_path, "checkpoint list");
+  for (size_t i = 0; r == ST_OK && i < n; i++) {
+    char dir[4200];
+    snprintf(dir, sizeof dir, "%s/%s", opt->output_path, names[i]);
+    st_trainer_state ts;
+    st_error ignored;
+    sc[i].name = names[i];
+    sc[i].value = st_ckpt_read_trainer_state(dir, &ts, &ignored) == ST_OK ? ts.val_loss : NAN;
+    if (opt->monitor_max) sc[i].value = -sc[i].value;
+  }
+  if (r == ST_OK && n) {
+    qsort(sc, n, sizeof *sc, cmp_scored);
+    if (!isnan(sc[0].value)) {
+      char path[4200], text[80];
+      snprintf(path, sizeof path, "%s/best", opt->output_path);
+      snprintf(text, sizeof text, "%s\n", sc[0].name);
+      r = write_file_atomic(path, text, err);
+    }
+    for (size_t i = (size_t)opt->save_top_k; r == ST_OK && i < n; i++) {
+      if (strcmp(sc[i].name, latest) == 0) continue;
+      char path[4200];
+      snprintf(path, sizeof path, "%s/%s", opt->output_path, sc[i].name);
+      rm_rf(path);
+    }
+  }
+  free(sc);
+  for (size_t i = 0; i < n; i++) free(names[i]);
+  free(names);
+  return r;
+}
+
+/* keep the newest keep_last step-* directories; never the one `latest` names */
+static void prune(const char *out, int64_t keep_last, const char *latest) {
+  if (keep_last <= 0) return;
+  size_t n;
+  char **names = step_dirs(out, &n);
   for (size_t i = 0; i + (size_t)keep_last < n; i++) {
     if (names[i] && strcmp(names[i], latest) != 0) {
       char path[4200];
@@ -228,6 +297,8 @@ st_result st_ckpt_save(const st_ckpt_options *opt, const st_strategy_plugin_v1 *
       return st_error_set(err, ST_ERR_IO, tmp, "cannot create the checkpoint directory: %s (is %s writable?)",
                           strerror(errno), opt->output_path);
   }
+  /* every rank writes into the folder rank 0 created; rank 0 completes it after every rank wrote */
+  if (opt->barrier) ST_CHECK(opt->barrier(opt->barrier_user, err));
   ckpt_writer w = {.pub = {.self = NULL, .write = ckpt_write}, .opt = opt, .weight_map = json_object()};
   w.pub.self = &w;
   st_result r = st_safetensors_writer_create(&w.rank_file, err);
@@ -244,6 +315,7 @@ st_result st_ckpt_save(const st_ckpt_options *opt, const st_strategy_plugin_v1 *
     st_error_prefix(err, "saving checkpoint %s: ", final);
     return r;
   }
+  if (opt->barrier) ST_CHECK(opt->barrier(opt->barrier_user, err));
   if (opt->rank != 0) return ST_OK; /* rank 0 finishes the directory once every rank has written */
 
   char *state = trainer_state_json(ts);
@@ -274,6 +346,7 @@ st_result st_ckpt_save(const st_ckpt_options *opt, const st_strategy_plugin_v1 *
   snprintf(latest, sizeof latest, "%s\n", name);
   ST_CHECK(write_file_atomic(path, latest, err));
   ST_CHECK(fsync_path(opt->output_path, err));
+  if (opt->save_top_k > 0) return select_best(opt, name, err);
   prune(opt->output_path, opt->keep_last, name);
   return ST_OK;
 }
@@ -319,18 +392,20 @@ st_result st_ckpt_read_trainer_state(const char *dir, st_trainer_state *ts, st_e
   double scale = 1.0;
   const char *seed = "0", *model = "", *strategy = "";
   int rc = json_unpack_ex(o, &je, 0, "{s:I, s:I, s?I, s?F, s?I, s?I, s?i, s?s, s?I, s?s, s?s}", "step", &step,
-                          "data_cursor", &cursor, "bad_steps", &bad, "loss_scale", &scale, "scaler_iteration", &it,
+                          "samples_seen", &cursor, "bad_steps", &bad, "loss_scale", &scale, "scaler_iteration", &it,
                           "scaler_last_overflow", &last, "scaler_hysteresis_left", &hyst, "seed", &seed,
                           "world_size", &world, "model", &model, "strategy", &strategy);
   if (rc != 0) {
     json_decref(o);
     return st_error_set(err, ST_ERR_FORMAT, path, "%s", je.text);
   }
-  *ts = (st_trainer_state){.step = step, .data_cursor = cursor, .bad_steps = bad, .loss_scale = scale,
+  *ts = (st_trainer_state){.step = step, .samples_seen = cursor, .bad_steps = bad, .loss_scale = scale,
                            .scaler_iteration = it, .scaler_last_overflow = last, .scaler_hysteresis_left = hyst,
                            .seed = strtoull(seed, NULL, 10), .world_size = (int)world};
   snprintf(ts->model, sizeof ts->model, "%s", model);
   snprintf(ts->strategy, sizeof ts->strategy, "%s", strategy);
+  json_t *vl = json_object_get(o, "val_loss");
+  ts->val_loss = json_is_number(vl) ? json_number_value(vl) : NAN;
   json_decref(o);
   return ST_OK;
 }

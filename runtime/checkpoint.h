@@ -2,12 +2,15 @@
  *
  *   <output_path>/step-000100/
  *     model.safetensors            full parameters in the model's public naming (fp32 masters), or
- *     model-0000K-of-0000N.safetensors + model.safetensors.index.json when large
+ *     model-0000K-of-0000N.safetensors + model.safetensors.index.json when large; when the strategy
+ *     shards (fsdp), rank 0's whole tensors go to model-partial-rank00000.safetensors instead and
+ *     `strata export` consolidates
  *     state-rank00000-of-00002.safetensors   slices: "<kind>/<param>@<offset>" (1-D), with the
  *                                  global shape in the metadata ("shape:<param>")
- *     trainer_state.json           step, data cursor, loss scaler, world size, names
+ *     trainer_state.json           step, samples seen, loss scaler, world size, names
  *     config.json                  the resolved config
  *   <output_path>/latest           "step-000100", replaced (rename) after the directory is complete
+ *   <output_path>/best             the checkpoint with the best val_loss (train.checkpoint)
  *
  * Everything is written into "<output_path>/.step-000100.tmp", fsync'd, renamed into place, and
  * only then is `latest` updated, so a crash at any point leaves the previous checkpoint intact. */
@@ -18,7 +21,7 @@
 
 typedef struct st_trainer_state {
   int64_t step;         /* optimizer steps completed */
-  int64_t data_cursor;  /* micro-batches consumed (global order) */
+  int64_t samples_seen; /* global samples consumed: valid at any world size and micro-batch size */
   int64_t bad_steps;    /* consecutive non-finite losses */
   double loss_scale;
   int64_t scaler_iteration, scaler_last_overflow;
@@ -26,14 +29,23 @@ typedef struct st_trainer_state {
   uint64_t seed;
   int world_size;
   char model[64], strategy[64];
+  double val_loss;      /* of this step's validation, NAN when none ran (drives save_top_k / best) */
 } st_trainer_state;
 
 typedef struct st_ckpt_options {
   const char *output_path;
   int rank, world_size;
-  int64_t keep_last;       /* 0 = keep every checkpoint */
+  int64_t keep_last;       /* 0 = keep every checkpoint (ignored when save_top_k > 0) */
+  int64_t save_top_k;      /* train.checkpoint: keep the k best by val_loss + the newest; `best` names the best */
+  bool monitor_max;        /*   higher is better */
   uint64_t max_shard_bytes;/* model weight shard size (0 = 4 GiB) */
   unsigned slow_write_ms;  /* test hook: sleep between files (kill-during-save test) */
+  /* parameter tensors of the model: model*.safetensors is written only when rank 0 holds every one
+   * in full (a replicated strategy); a sharded one leaves slices for `strata export` to stitch */
+  int n_param_tensors;
+  /* a barrier over every rank (NULL for one process): saving is a collective */
+  st_result (*barrier)(void *user, st_error *err);
+  void *barrier_user;
 } st_ckpt_options;
 
 /* Collects the strategy's slices, then writes the step directory atomically. */

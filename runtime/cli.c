@@ -6,6 +6,7 @@
 
 #include "cli.h"
 #include "env.h"
+#include "launch.h"
 #include "local_comm.h"
 #include "local_strategy.h"
 #include "plugin.h"
@@ -27,6 +28,8 @@ static const char usage[] =
     "commands:\n"
     "  train CONFIG [--deepspeed DS.json] [--set key.path=value]...   train a model\n"
     "  validate CONFIG [--deepspeed DS.json] [--set ...]   print the resolved config with provenance\n"
+    "  eval CONFIG [--weights PATH | --checkpoint DIR] [--dump OUT.safetensors] [--set ...]\n"
+    "                          validation loss of data.validation (fixed sigma and noise per sample)\n"
     "  launch [--num_processes N ...] [--] strata train CONFIG   start one process per rank\n"
     "  export CKPT --format safetensors|diffusers|peft --out DIR [--merge-lora]\n"
     "                          write a checkpoint's weights in an ecosystem layout\n"
@@ -95,6 +98,7 @@ int st_cli_main(int argc, char **argv) {
     printf("strata %s (plugin ABI v%d)\n", ST_VERSION_STRING, ST_ABI_VERSION);
     return 0;
   }
+  if (!strcmp(cmd, "launch")) return st_launch_main(argc - 1, argv + 1);
   if (!strcmp(cmd, "env")) {
     st_env_report(stdout);
     return 0;
@@ -105,16 +109,42 @@ int st_cli_main(int argc, char **argv) {
     st_plugin_list(stdout, b, 2);
     return 0;
   }
-  if (!strcmp(cmd, "train") || !strcmp(cmd, "validate")) {
-    const char **sets = calloc((size_t)argc, sizeof *sets);
+  if (!strcmp(cmd, "train") || !strcmp(cmd, "validate") || !strcmp(cmd, "eval")) {
+    const char **sets = calloc((size_t)argc + 2, sizeof *sets);
+    char **rest = calloc((size_t)argc + 1, sizeof *rest);
+    char weights_set[4200] = "", resume_set[4200] = "";
+    st_eval_options eo = {0};
+    int n_rest = 0;
+    bool usage_error = !sets || !rest;
+    for (int i = 2; i < argc && !usage_error; i++) { /* eval's own options; the rest as for train */
+      bool is_eval = !strcmp(cmd, "eval");
+      if (is_eval && !strcmp(argv[i], "--weights") && i + 1 < argc)
+        snprintf(weights_set, sizeof weights_set, "model.weights=\"%s\"", argv[++i]);
+      else if (is_eval && !strcmp(argv[i], "--checkpoint") && i + 1 < argc)
+        snprintf(resume_set, sizeof resume_set, "train.resume=\"%s\"", argv[++i]);
+      else if (is_eval && !strcmp(argv[i], "--dump") && i + 1 < argc)
+        eo.dump_path = argv[++i];
+      else
+        rest[n_rest++] = argv[i];
+    }
     st_run_options o = {.console = stderr, .progress_tty = -1, .stop = &stop_requested};
-    if (!sets || !parse_run_args(argc - 2, argv + 2, &o, sets)) {
+    if (usage_error || !parse_run_args(n_rest, rest, &o, sets)) {
       free(sets);
+      free(rest);
       fputs(usage, stderr);
       return 2;
     }
+    if (weights_set[0]) sets[o.n_sets++] = weights_set; /* the command line wins over the config */
+    if (resume_set[0]) sets[o.n_sets++] = resume_set;
     const char *slow = getenv("STRATA_TEST_SLOW_SAVE_MS");
     o.ckpt_slow_write_ms = slow ? (unsigned)atoi(slow) : 0;
+    const char *die = getenv("STRATA_TEST_DIE_AT_STEP");
+    long long die_step = 0;
+    int die_rank = 0;
+    if (die && sscanf(die, "%lld:%d", &die_step, &die_rank) == 2) {
+      o.test_die_at_step = die_step;
+      o.test_die_rank = die_rank;
+    }
     st_error err;
     st_error_clear(&err);
     st_result r;
@@ -122,10 +152,13 @@ int st_cli_main(int argc, char **argv) {
       signal(SIGINT, on_signal);
       signal(SIGTERM, on_signal);
       r = st_train(&o, &err);
+    } else if (!strcmp(cmd, "eval")) {
+      r = st_eval(&o, &eo, stdout, &err);
     } else {
       r = st_validate(&o, stdout, &err);
     }
     free(sets);
+    free(rest);
     return report(r, &err);
   }
   if (!strcmp(cmd, "export")) {

@@ -35,7 +35,8 @@
  *     peak_tflops 0 (unknown: MFU is not reported), gradient_checkpointing = whether an
  *     activation_checkpointing block is present, gradient_checkpointing_offload =
  *     activation_checkpointing.cpu_checkpointing
- *   device: type "cpu", threads 0 (all cores)
+ *   device: type "cpu", threads 0 (all cores), comm "auto" (gloo on the CPU, nccl on CUDA; the
+ *     built-in local backend for one process), comm_timeout_s 1800 (torch's default), interface null
  *   batch triple entirely absent: train_micro_batch_size_per_gpu 1, gradient_accumulation_steps 1.
  *
  * "auto" (resolved by st_config_resolve, provenance "derived"; as Hugging Face resolves it, with
@@ -945,20 +946,28 @@ static const key_spec monitor_spec[] = {K("enabled", T_BOOL, 0), K("output_path"
 static const key_spec plugin_block_spec[] = {K("name", T_STR, 0), K("plugin", T_STR, 0), KEND};
 
 static const key_spec synthetic_spec[] = {K("num_samples", T_INT, 0), KEND};
+static const key_spec validation_spec[] = {
+    K("dataset_base_path", T_STR, 0), K("dataset_metadata_path", T_STR, 0), K("max_samples", T_INT, 0),
+    K("seed", T_INT, 0), KOBJ("synthetic", 0, synthetic_spec), KEND};
+static const char *const monitor_modes[] = {"min", "max", NULL};
+static const key_spec ckpt_select_spec[] = {K("monitor", T_STR, 0), KENUM("mode", 0, monitor_modes),
+                                            K("save_top_k", T_INT, 0), K("save_last", T_BOOL, 0), KEND};
+static const key_spec early_stop_spec[] = {K("patience", T_INT, 0), K("min_delta", T_NUM, 0), KEND};
 static const key_spec data_spec[] = {
     K("dataset_base_path", T_STR, 0), K("dataset_metadata_path", T_STR, 0), K("dataset_repeat", T_INT, 0),
     K("num_workers", T_INT, 0),       K("shuffle", T_BOOL, 0),              KOBJ("synthetic", 0, synthetic_spec),
-    K("validation", T_ANY, 0), /* reserved for the validation loop: accepted as is */
-    KEND};
+    KOBJ("validation", 0, validation_spec), KEND};
 
 static const key_spec train_spec[] = {
     K("max_steps", T_INT, 0),       K("num_epochs", T_INT, 0),    K("seed", T_INT, 0),
     K("output_path", T_STR, 0),     K("save_steps", T_INT, 0),    K("keep_last", T_INT, 0),
     K("resume", T_STR, 0),          K("gradient_checkpointing", T_BOOL, 0),
     K("gradient_checkpointing_offload", T_BOOL, 0), K("max_bad_steps", T_INT, 0), K("peak_tflops", T_NUM, 0),
-    KEND};
+    K("eval_steps", T_INT, 0),      KOBJ("checkpoint", 0, ckpt_select_spec), KOBJ("early_stopping", 0, early_stop_spec),
+    K("on_save", T_STR, 0),         KEND};
 
-static const key_spec device_spec[] = {KENUM("type", 0, device_types), K("threads", T_INT, 0), KEND};
+static const key_spec device_spec[] = {KENUM("type", 0, device_types), K("threads", T_INT, 0), K("comm", T_STR, 0),
+                                       K("comm_timeout_s", T_NUM, 0), K("interface", T_STR, 0), KEND};
 
 static const key_spec top_spec[] = {
     /* DeepSpeed keys strata acts on */
@@ -1404,6 +1413,23 @@ static st_result extract_strata_blocks(st_cfg *root, st_settings *s, st_error *e
   s->synthetic_samples = 0;
   if (synth) ST_CHECK(get_small_int(synth, "num_samples", 0, 0, INT64_MAX, &s->synthetic_samples, err));
 
+  st_cfg *val, *vsynth;
+  ST_CHECK(a->get_object(data, "validation", false, &val, err));
+  s->val_max_samples = 0;
+  s->val_synthetic_samples = 0;
+  s->val_seed = 1234;
+  if (val) {
+    ST_CHECK(a->get_string(val, "dataset_base_path", NULL, &s->val_base_path, err));
+    ST_CHECK(a->get_string(val, "dataset_metadata_path", NULL, &s->val_metadata_path, err));
+    ST_CHECK(get_small_int(val, "max_samples", 0, 0, INT64_MAX, &s->val_max_samples, err));
+    ST_CHECK(get_small_int(val, "seed", 1234, 0, INT64_MAX, &v, err));
+    s->val_seed = (uint64_t)v;
+    ST_CHECK(a->get_object(val, "synthetic", false, &vsynth, err));
+    if (vsynth) ST_CHECK(get_small_int(vsynth, "num_samples", 0, 0, INT64_MAX, &s->val_synthetic_samples, err));
+    ST_CHECK(need(s->val_base_path || s->val_synthetic_samples > 0, val, "dataset_base_path", err,
+                  "the validation set needs dataset_base_path (cached samples) or synthetic.num_samples"));
+  }
+
   ST_CHECK(a->get_object(root, "train", true, &train, err));
   ST_CHECK(get_small_int(train, "max_steps", 0, 0, INT64_MAX, &s->max_steps, err));
   ST_CHECK(get_small_int(train, "num_epochs", 1, 0, INT64_MAX, &s->num_epochs, err));
@@ -1415,6 +1441,35 @@ static st_result extract_strata_blocks(st_cfg *root, st_settings *s, st_error *e
   ST_CHECK(get_small_int(train, "keep_last", 0, 0, INT64_MAX, &s->keep_last, err));
   ST_CHECK(a->get_string(train, "resume", NULL, &s->resume, err));
   if (s->resume && !s->resume[0]) s->resume = NULL;
+  ST_CHECK(get_small_int(train, "eval_steps", 0, 0, INT64_MAX, &s->eval_steps, err));
+  st_cfg *sel, *early;
+  ST_CHECK(a->get_object(train, "checkpoint", false, &sel, err));
+  s->save_top_k = 0;
+  s->monitor_max = false;
+  if (sel) {
+    const char *monitor, *mode;
+    ST_CHECK(a->get_string(sel, "monitor", "val_loss", &monitor, err));
+    ST_CHECK(need(strcmp(monitor, "val_loss") == 0, sel, "monitor", err,
+                  "\"%s\" cannot be monitored: the metric strata computes for selection is \"val_loss\"", monitor));
+    ST_CHECK(a->get_enum(sel, "mode", monitor_modes, "min", &mode, err));
+    s->monitor_max = strcmp(mode, "max") == 0;
+    ST_CHECK(get_small_int(sel, "save_top_k", 1, 1, INT64_MAX, &s->save_top_k, err));
+    bool save_last;
+    ST_CHECK(a->get_bool(sel, "save_last", true, &save_last, err));
+    ST_CHECK(need(save_last, sel, "save_last", err,
+                  "must be true: the newest checkpoint is always kept, since `latest` (resume) points at it"));
+  }
+  ST_CHECK(a->get_object(train, "early_stopping", false, &early, err));
+  s->early_patience = 0;
+  s->early_min_delta = 0.0;
+  if (early) {
+    ST_CHECK(get_small_int(early, "patience", 3, 1, INT64_MAX, &s->early_patience, err));
+    ST_CHECK(a->get_number(early, "min_delta", 0.0, &s->early_min_delta, err));
+  }
+  ST_CHECK(a->get_string(train, "on_save", NULL, &s->on_save, err));
+  bool has_val = s->val_base_path || s->val_synthetic_samples > 0;
+  ST_CHECK(need(has_val || (!sel && !early && s->eval_steps == 0), train, sel ? "checkpoint" : early ? "early_stopping" : "eval_steps", err,
+                "needs a validation set: set data.validation (dataset_base_path or synthetic.num_samples)"));
   ST_CHECK(a->get_bool(train, "gradient_checkpointing", s->activation_checkpointing, &s->activation_checkpointing,
                        err));
   ST_CHECK(a->get_bool(train, "gradient_checkpointing_offload", s->activation_checkpointing_offload,
@@ -1432,6 +1487,12 @@ static st_result extract_strata_blocks(st_cfg *root, st_settings *s, st_error *e
   s->device_type = strcmp(dev, "cuda") == 0 ? ST_DEVICE_CUDA : ST_DEVICE_CPU;
   ST_CHECK(get_small_int(device, "threads", 0, 0, 65536, &v, err));
   s->threads = (int)v;
+  ST_CHECK(a->get_string(device, "comm", "auto", &s->comm_backend, err));
+  double timeout_s;
+  ST_CHECK(a->get_number(device, "comm_timeout_s", 1800.0, &timeout_s, err));
+  ST_CHECK(need(timeout_s > 0, device, "comm_timeout_s", err, "must be > 0 seconds, found %g", timeout_s));
+  s->comm_timeout_ms = (int64_t)(timeout_s * 1000.0);
+  ST_CHECK(a->get_string(device, "interface", NULL, &s->comm_interface, err));
   return ST_OK;
 }
 

@@ -103,12 +103,26 @@ typedef struct st_settings {
   int64_t save_steps;         /* 0 = only at the end */
   int64_t keep_last;          /* 0 = keep all */
   const char *resume;         /* NULL, "latest" or a checkpoint directory */
+  int64_t eval_steps;         /* validate every N steps (0: only at the end, when a validation set exists) */
+  int64_t save_top_k;         /* train.checkpoint: keep the k best by val_loss (0: selection off) */
+  bool monitor_max;           /*   mode "max" */
+  int64_t early_patience;     /* train.early_stopping: evaluations without improvement (0: off) */
+  double early_min_delta;
+  const char *on_save;        /* shell command run after each checkpoint (NULL: none) */
+  /* data.validation */
+  const char *val_base_path, *val_metadata_path;
+  int64_t val_max_samples;    /* 0: all */
+  int64_t val_synthetic_samples;
+  uint64_t val_seed;          /* fixes sigma and noise per validation sample */
   int64_t max_bad_steps;      /* stop after this many consecutive non-finite losses */
   double peak_flops;          /* train.peak_tflops * 1e12, 0 = unknown (MFU not reported) */
 
   /* device */
   st_device_type device_type;
   int threads;                /* 0 = all cores */
+  const char *comm_backend;   /* "auto" or a comm plugin name / path */
+  int64_t comm_timeout_ms;    /* every collective and store wait */
+  const char *comm_interface; /* network interface for the comm backend, NULL = its default */
 } st_settings;
 
 /* Check every key strata owns (unknown key -> path + did-you-mean; wrong type -> expected/found),

@@ -199,3 +199,5 @@ void st_metrics_close(st_metrics *m) {
   free(m->csv_cols);
   free(m);
 }
+
+st_tfevents *st_metrics_tensorboard(st_metrics *m) { return m ? m->tb : NULL; }

@@ -27,6 +27,9 @@ uint32_t st_crc32c(const void *data, size_t len);
 st_result st_tfevents_open(const char *dir, st_tfevents **out, st_error *err);
 st_result st_tfevents_scalar(st_tfevents *t, int64_t step, double wall_time, const char *tag, float value,
                              st_error *err);
+/* summary.value.image { height(1), width(2), colorspace(3), encoded_image_string(4) }: a PNG */
+st_result st_tfevents_image(st_tfevents *t, int64_t step, double wall_time, const char *tag, const void *png,
+                            size_t png_len, int32_t width, int32_t height, st_error *err);
 st_result st_tfevents_flush(st_tfevents *t, st_error *err);
 void st_tfevents_close(st_tfevents *t);
 const char *st_tfevents_path(const st_tfevents *t);
@@ -49,6 +52,8 @@ void st_metrics_add(st_metrics *m, const char *tag, double value);
  * ({"step": N, "time": unix, "train/loss": ...}), one event per scalar, one CSV row. */
 st_result st_metrics_commit(st_metrics *m, int64_t step, st_error *err);
 void st_metrics_close(st_metrics *m);
+/* the TensorBoard writer (NULL when off), for images */
+st_tfevents *st_metrics_tensorboard(st_metrics *m);
 
 /* ---- progress.c: a progress bar on a TTY, plain lines otherwise ----------------------------- */
 typedef struct st_progress st_progress;

@@ -6,16 +6,20 @@
 #include <dirent.h>
 #include <errno.h>
 #include <math.h>
+#include <signal.h>
 #include <stdlib.h>
 #include <sys/stat.h>
 #include <time.h>
 #include <unistd.h>
 
+#include "callbacks.h"
 #include "checkpoint.h"
 #include "config.h"
 #include "cpu_ops.h"
 #include "data.h"
 #include "host_impl.h"
+#include "launch.h"
+#include "local_comm.h"
 #include "local_strategy.h"
 #include "metrics.h"
 #include "optim.h"
@@ -64,7 +68,21 @@ typedef struct trainer {
   const st_model_desc *desc;
   int *unit_order;
   int rank, world_size, local_rank, local_world_size;
+  /* the process group: the store ranks meet through, the comm backend and its world group */
+  st_dist_env denv;
+  st_store_server *store_server;
+  st_store *store;
+  st_plugin comm_plugin;
+  const st_comm_plugin_v1 *comm;
+  st_comm *world;
   st_dataset *data;
+  st_dataset *val_data;       /* NULL without data.validation */
+  int64_t val_batches;        /* per rank, one sample each */
+  double best_val;            /* best val_loss so far (NAN before the first) */
+  int64_t evals_since_best;   /* early stopping */
+  bool eval_only;             /* `strata eval`: no training data, no outputs */
+  st_safetensors_writer *dump;/* `strata eval --dump` */
+  st_on_save_jobs *jobs;      /* train.on_save commands still running */
   st_metrics *metrics;
   st_progress *progress;
   st_loss_scaler scaler;
@@ -89,22 +107,62 @@ static st_result load_strategy_cb(void *user, const char *name, const st_strateg
   return ST_OK;
 }
 
-/* RANK/WORLD_SIZE as torchrun, accelerate and `strata launch` set them */
-static void read_world(trainer *t) {
-  const char *r = getenv("RANK"), *w = getenv("WORLD_SIZE"), *lr = getenv("LOCAL_RANK"),
-             *lw = getenv("LOCAL_WORLD_SIZE");
-  t->rank = r ? atoi(r) : 0;
-  t->world_size = w ? atoi(w) : 1;
-  t->local_rank = lr ? atoi(lr) : 0;
-  t->local_world_size = lw ? atoi(lw) : 1;
-  if (t->world_size < 1) t->world_size = 1;
+/* a load failure for a configured name points at the config key that named it */
+static st_result load_configured(st_plugin_kind kind, const char *ref, const char *key, const st_plugin_builtin *b,
+                                 int nb, st_plugin *out, st_error *err) {
+  st_result r = st_plugin_load(kind, ref, b, nb, out, err);
+  if (r != ST_OK && err && !err->where[0]) snprintf(err->where, sizeof err->where, "%s", key);
+  return r;
+}
+
+/* rank and world from `strata launch`, torchrun, Open MPI, PMI or Slurm variables */
+static st_result read_world(trainer *t, st_error *err) {
+  ST_CHECK(st_dist_env_detect(NULL, &t->denv, err));
+  t->rank = t->denv.rank;
+  t->world_size = t->denv.world_size;
+  t->local_rank = t->denv.local_rank;
+  t->local_world_size = t->denv.local_world_size;
+  return ST_OK;
+}
+
+/* a collective barrier over the world group; a no-op for one process */
+static st_result world_barrier(void *user, st_error *err) {
+  trainer *t = user;
+  if (!t->world) return ST_OK;
+  return t->comm->barrier(t->world, err);
+}
+
+/* The store (rank 0 or the launcher hosts it), the comm backend and the world group. One process
+ * uses the built-in local backend and no store. */
+static st_result setup_world(trainer *t, st_error *err) {
+  const char *backend = t->s.comm_backend;
+  if (t->world_size == 1 && (!strcmp(backend, "auto") || !strcmp(backend, "local"))) {
+    t->comm = st_local_comm();
+  } else {
+    if (!strcmp(backend, "auto")) backend = t->s.device_type == ST_DEVICE_CUDA ? "nccl" : "gloo";
+    ST_CHECK(st_dist_store_open(&t->denv, t->s.comm_timeout_ms, &t->store_server, &t->store, err));
+    st_plugin_builtin b[1] = {{ST_PLUGIN_COMM, "local", st_local_comm()}};
+    ST_CHECK(load_configured(ST_PLUGIN_COMM, backend, "device.comm", b, 1, &t->comm_plugin, err));
+    t->comm = t->comm_plugin.v.comm;
+  }
+  st_comm_init_args a = {.struct_size = sizeof a, .rank = t->rank, .world_size = t->world_size,
+                         .local_rank = t->local_rank, .local_world_size = t->local_world_size,
+                         .device = t->host->device, .store = t->store, .timeout_ms = t->s.comm_timeout_ms,
+                         .interface = t->s.comm_interface};
+  ST_CHECK(t->comm->init(t->host, &a, &t->world, err));
+  t->host->comm = t->comm;
+  t->host->world = t->world;
+  return ST_OK;
 }
 
 static void trainer_free(trainer *t) {
   st_logger_set_progress(t->logger, NULL);
   if (t->progress) st_progress_finish(t->progress);
+  st_on_save_free(t->jobs);
   st_metrics_close(t->metrics);
   st_dataset_close(t->data);
+  st_dataset_close(t->val_data);
+  st_safetensors_writer_free(t->dump);
   if (t->host) {
     const st_host *h = t->host;
     h->free(h, h->device, t->carry_mem.base);
@@ -114,6 +172,9 @@ static void trainer_free(trainer *t) {
   }
   if (t->strategy && t->sctx) t->strategy->finalize(t->sctx);
   if (t->model && t->mctx) t->model->finalize(t->mctx);
+  if (t->comm && t->world) t->comm->finalize(t->world);
+  st_plugin_unload(&t->comm_plugin);
+  st_dist_store_close(&t->denv, t->store_server, t->store, t->s.comm_timeout_ms);
   st_plugin_unload(&t->strategy_plugin);
   st_plugin_unload(&t->model_plugin);
   st_host_destroy(t->host);
@@ -129,25 +190,20 @@ static void trainer_free(trainer *t) {
 
 /* ---- plugin set-up shared by train and validate ------------------------------------------- */
 
-/* a load failure for a configured name points at the config key that named it */
-static st_result load_configured(st_plugin_kind kind, const char *ref, const char *key, const st_plugin_builtin *b,
-                                 int nb, st_plugin *out, st_error *err) {
-  st_result r = st_plugin_load(kind, ref, b, nb, out, err);
-  if (r != ST_OK && err && !err->where[0]) snprintf(err->where, sizeof err->where, "%s", key);
-  return r;
-}
-
 static st_result setup_plugins(trainer *t, st_error *err) {
   st_settings *s = &t->s;
   ST_CHECK(st_config_load(t->opt.config_path, t->opt.deepspeed_path, t->opt.sets, t->opt.n_sets, &t->cfg, err));
   ST_CHECK(st_config_extract(t->cfg, s, err));
-  read_world(t);
-  t->logger = st_logger_create(t->opt.console ? t->opt.console : stderr, t->rank, t->world_size, ST_LOG_INFO);
-  if (t->world_size > 1)
-    return st_error_set(err, ST_ERR_UNSUPPORTED, "strategy",
-                        "WORLD_SIZE is %d, but this build trains in one process only: multi-process strategies "
-                        "(ddp, fsdp) are not available yet",
-                        t->world_size);
+  ST_CHECK(read_world(t, err));
+  /* `strata launch` prefixes every child line with its rank already */
+  bool launcher_prefixes = strcmp(t->denv.source, "strata launch") == 0;
+  t->logger = st_logger_create(t->opt.console ? t->opt.console : stderr, t->rank,
+                               launcher_prefixes ? 1 : t->world_size, ST_LOG_INFO);
+  if (strcmp(t->denv.source, "single process") != 0) { /* where rank and world came from */
+    char where[512];
+    st_dist_env_describe(&t->denv, where, sizeof where);
+    st_log(t->logger, ST_LOG_INFO, "%s", where);
+  }
   if (s->device_type != ST_DEVICE_CPU)
     return st_error_set(err, ST_ERR_UNSUPPORTED, "device.type",
                         "\"cuda\" needs the CUDA backend, which this build does not have; use \"cpu\"");
@@ -170,6 +226,7 @@ static st_result setup_plugins(trainer *t, st_error *err) {
                         .rank = t->rank, .world_size = t->world_size, .local_rank = t->local_rank,
                         .local_world_size = t->local_world_size};
   ST_CHECK(st_host_create(&ho, &t->host, err));
+  ST_CHECK(setup_world(t, err));
 
   st_cfg *model_cfg = st_config_node(t->cfg, "model");
   ST_CHECK(t->model->validate(model_cfg, st_config_api(), err));
@@ -284,8 +341,15 @@ static st_result load_state(trainer *t, st_error *err) {
   sr.pub.self = &sr;
   st_result r = ST_OK;
   char dir[4096] = "";
-  if (t->s.resume) {
-    r = st_ckpt_resolve(t->s.output_path, t->s.resume, dir, sizeof dir, err);
+  const char *resume = t->s.resume;
+  char latest[4200];
+  snprintf(latest, sizeof latest, "%s/latest", t->s.output_path);
+  if (!resume && t->denv.restart_count > 0 && access(latest, F_OK) == 0) {
+    st_log(t->logger, ST_LOG_INFO, "restart %d of the job: resuming from the latest checkpoint", t->denv.restart_count);
+    resume = "latest";
+  }
+  if (resume) {
+    r = st_ckpt_resolve(t->s.output_path, resume, dir, sizeof dir, err);
     if (r == ST_OK) r = st_ckpt_read_trainer_state(dir, &t->ts, err);
     if (r == ST_OK && t->ts.world_size != t->world_size)
       st_log(t->logger, ST_LOG_INFO, "resuming a %d-rank checkpoint on %d rank(s)", t->ts.world_size, t->world_size);
@@ -311,18 +375,33 @@ static st_result load_state(trainer *t, st_error *err) {
   return r;
 }
 
+static int count_params(const st_model_desc *d) {
+  int n = 0;
+  for (int u = 0; u < d->n_units; u++) n += d->units[u].n_params;
+  return n;
+}
+
 static st_result save_checkpoint(trainer *t, st_error *err) {
   t->ts.loss_scale = t->scaler.scale;
   t->ts.scaler_iteration = t->scaler.iteration;
   t->ts.scaler_last_overflow = t->scaler.last_overflow_iteration;
   t->ts.scaler_hysteresis_left = t->scaler.hysteresis_left;
-  t->ts.data_cursor = st_dataset_cursor(t->data);
+  t->ts.samples_seen = st_dataset_cursor(t->data) * t->world_size * t->s.micro_batch_size;
   st_ckpt_options co = {.output_path = t->s.output_path, .rank = t->rank, .world_size = t->world_size,
-                        .keep_last = t->s.keep_last, .slow_write_ms = t->opt.ckpt_slow_write_ms};
+                        .keep_last = t->s.keep_last, .slow_write_ms = t->opt.ckpt_slow_write_ms,
+                        .save_top_k = t->s.save_top_k, .monitor_max = t->s.monitor_max,
+                        .barrier = world_barrier, .barrier_user = t, .n_param_tensors = count_params(t->desc)};
   char *config_json = st_config_to_json(t->cfg);
   st_result r = st_ckpt_save(&co, t->strategy, t->sctx, &t->ts, config_json, err);
   free(config_json);
   if (r == ST_OK) st_log(t->logger, ST_LOG_INFO, "saved checkpoint %s/step-%06lld", t->s.output_path, (long long)t->ts.step);
+  if (r == ST_OK && t->s.on_save && t->rank == 0) {
+    if (!t->jobs) t->jobs = st_on_save_create(t->s.on_save, t->logger, st_metrics_tensorboard(t->metrics));
+    char ckpt[4200], samples[4200];
+    snprintf(ckpt, sizeof ckpt, "%s/step-%06lld", t->s.output_path, (long long)t->ts.step);
+    snprintf(samples, sizeof samples, "%s/samples/step-%06lld", t->s.output_path, (long long)t->ts.step);
+    st_on_save_start(t->jobs, ckpt, samples, t->ts.step);
+  }
   return r;
 }
 
@@ -389,6 +468,22 @@ typedef struct phase_times {
   double data, forward, backward, step;
 } phase_times;
 
+/* every unit's forward in the static order; `keep_saved` keeps what backward needs */
+static st_result forward_units(trainer *t, void *bctx, bool keep_saved, st_error *err) {
+  for (int i = 0; i < t->desc->n_units; i++) {
+    int u = t->unit_order[i];
+    const st_tensor *params;
+    st_result r = t->strategy->pre_forward(t->sctx, u, &params, err);
+    void *saved = keep_saved ? t->saved_mem.base + t->saved_off[u] : NULL;
+    if (r == ST_OK)
+      r = t->model->unit_forward(t->mctx, bctx, u, params, carry_at(t, u), carry_at(t, u + 1), saved,
+                                 t->work_mem.base, err);
+    if (r == ST_OK) r = t->strategy->post_forward(t->sctx, u, err);
+    if (r != ST_OK) return st_error_prefix(err, "forward of unit %s: ", t->desc->units[u].name);
+  }
+  return ST_OK;
+}
+
 static st_result micro_step(trainer *t, int64_t micro_index, bool last_micro, double grad_scale, st_loss *loss,
                             phase_times *pt, st_error *err) {
   const st_model_plugin_v1 *m = t->model;
@@ -397,7 +492,9 @@ static st_result micro_step(trainer *t, int64_t micro_index, bool last_micro, do
   double t0 = now_s();
   st_batch batch;
   ST_CHECK(st_dataset_next(t->data, &batch, err));
-  batch.seed = t->host->rng->u64(t->s.seed, 0x6261746368ull /* "batch" */, (uint64_t)micro_index);
+  batch.seed = t->host->rng->u64(t->s.seed, 0x6261746368ull /* "batch" */, 0);
+  /* rank r's micro-batch j is global micro-batch j * world + r (the data loader's sharding) */
+  batch.first_sample = (micro_index * t->world_size + t->rank) * t->s.micro_batch_size;
   batch.step = t->ts.step;
   batch.training = true;
   void *bctx = NULL;
@@ -406,16 +503,7 @@ static st_result micro_step(trainer *t, int64_t micro_index, bool last_micro, do
   double t1 = now_s();
   pt->data += t1 - t0;
   bool ckpt = t->s.activation_checkpointing;
-  for (int i = 0; i < U && r == ST_OK; i++) {
-    int u = t->unit_order[i];
-    const st_tensor *params;
-    r = sg->pre_forward(t->sctx, u, &params, err);
-    if (r != ST_OK) break;
-    void *saved = ckpt ? NULL : t->saved_mem.base + t->saved_off[u];
-    r = m->unit_forward(t->mctx, bctx, u, params, carry_at(t, u), carry_at(t, u + 1), saved, t->work_mem.base, err);
-    if (r == ST_OK) r = sg->post_forward(t->sctx, u, err);
-    if (r != ST_OK) st_error_prefix(err, "forward of unit %s: ", t->desc->units[u].name);
-  }
+  if (r == ST_OK) r = forward_units(t, bctx, !ckpt, err);
   st_tensor dcarry[2][ST_MAX_CARRY];
   if (r == ST_OK) {
     dcarry_at(t, U, dcarry[U % 2]);
@@ -468,24 +556,53 @@ static st_result open_outputs(trainer *t, st_error *err) {
   return st_metrics_open(&mo, &t->metrics, err);
 }
 
+/* cached samples to read from: `base` as given, or synthetic ones written by rank 0 into `synth_dir` */
+static st_result data_source(trainer *t, const char *base, int64_t n_synth, uint64_t seed, const char *synth_dir,
+                             const char *what, const char **out, st_error *err) {
+  *out = base;
+  if (n_synth <= 0) return ST_OK;
+  if (!t->model->synth_sample)
+    return st_error_set(err, ST_ERR_CONFIG, "data.synthetic", "model %s cannot generate synthetic samples",
+                        t->model->header.name);
+  if (!base) *out = synth_dir;
+  if (t->rank == 0) {
+    st_log(t->logger, ST_LOG_INFO, "writing %lld synthetic %s samples to %s", (long long)n_synth, what, *out);
+    ST_CHECK(st_dataset_synthesize(*out, n_synth, seed, t->model->synth_sample, t->mctx, err));
+  }
+  return world_barrier(t, err); /* the other ranks read what rank 0 wrote */
+}
+
+/* The validation set: one sample per micro-batch, so every rank count sees the same samples (a
+ * multiple of the world size of them; the rest is dropped, as DistributedSampler does). */
+static st_result open_val_data(trainer *t, st_error *err) {
+  const st_settings *s = &t->s;
+  if (!s->val_base_path && s->val_synthetic_samples <= 0) return ST_OK;
+  char synth_dir[4200];
+  snprintf(synth_dir, sizeof synth_dir, "%s/synthetic-validation", s->output_path);
+  const char *base;
+  /* a seed apart from training's, so validation samples are not training samples */
+  ST_CHECK(data_source(t, s->val_base_path, s->val_synthetic_samples, s->val_seed ^ 0x76616c6964ull, synth_dir,
+                       "validation", &base, err));
+  st_dataset_options o = {.base_path = base, .metadata_path = s->val_synthetic_samples > 0 ? NULL : s->val_metadata_path,
+                          .repeat = 1, .shuffle = false, .batch_size = 1, .rank = t->rank, .world_size = t->world_size};
+  ST_CHECK(st_dataset_open(&o, &t->val_data, err));
+  t->val_batches = st_dataset_batches_per_epoch(t->val_data);
+  if (s->val_max_samples > 0 && t->val_batches > s->val_max_samples / t->world_size)
+    t->val_batches = s->val_max_samples / t->world_size;
+  if (t->val_batches < 1)
+    return st_error_set(err, ST_ERR_CONFIG, "data.validation", "the validation set has %lld sample(s): fewer than one "
+                        "per rank (%d rank(s))", (long long)st_dataset_size(t->val_data), t->world_size);
+  t->best_val = NAN;
+  return ST_OK;
+}
+
 static st_result open_data(trainer *t, st_error *err) {
   char synth_dir[4200];
   const char *base = t->s.dataset_base_path;
   const char *meta = t->s.dataset_metadata_path;
-  if (t->s.synthetic_samples > 0) {
-    if (!t->model->synth_sample)
-      return st_error_set(err, ST_ERR_CONFIG, "data.synthetic", "model %s cannot generate synthetic samples",
-                          t->model->header.name);
-    if (!base) {
-      snprintf(synth_dir, sizeof synth_dir, "%s/synthetic-data", t->s.output_path);
-      base = synth_dir;
-    }
-    if (t->rank == 0) {
-      st_log(t->logger, ST_LOG_INFO, "writing %lld synthetic samples to %s", (long long)t->s.synthetic_samples, base);
-      ST_CHECK(st_dataset_synthesize(base, t->s.synthetic_samples, t->s.seed, t->model->synth_sample, t->mctx, err));
-    }
-    meta = NULL;
-  }
+  snprintf(synth_dir, sizeof synth_dir, "%s/synthetic-data", t->s.output_path);
+  ST_CHECK(data_source(t, base, t->s.synthetic_samples, t->s.seed, synth_dir, "training", &base, err));
+  if (t->s.synthetic_samples > 0) meta = NULL;
   if (!base)
     return st_error_set(err, ST_ERR_CONFIG, "data.dataset_base_path",
                         "no data: set data.dataset_base_path (cached samples) or data.synthetic.num_samples");
@@ -515,7 +632,7 @@ static st_result setup_training(trainer *t, st_error *err) {
   st_strategy_setup setup = {.struct_size = sizeof setup, .model = d, .unit_order = t->unit_order, .param_dtype = pd,
                              .master_dtype = ST_F32, .grad_dtype = (pd == ST_F64) ? ST_F64 : ST_F32,
                              .reduce_dtype = (pd == ST_F64) ? ST_F64 : ST_F32,
-                             .grad_accum_steps = (int)t->s.grad_accum_steps, .group = NULL};
+                             .grad_accum_steps = (int)t->s.grad_accum_steps, .group = t->world};
   if (t->s.precision.dtype != ST_F32 && pd != t->s.precision.dtype)
     st_log(t->logger, ST_LOG_WARN, "%s is enabled but the model computes in %s on this device",
            t->s.precision.dtype == ST_BF16 ? "bf16" : "fp16", st_dtype_name(pd));
@@ -527,12 +644,22 @@ static st_result setup_training(trainer *t, st_error *err) {
            ignored[i]);
   st_loss_scaler_init(&t->scaler, &t->s.precision);
   t->ts.seed = t->s.seed;
+  t->ts.val_loss = NAN;
   t->ts.world_size = t->world_size;
   snprintf(t->ts.model, sizeof t->ts.model, "%s", t->model->header.name);
   snprintf(t->ts.strategy, sizeof t->ts.strategy, "%s", t->strategy->header.name);
   ST_CHECK(load_state(t, err));
+  ST_CHECK(open_val_data(t, err));
+  if (t->eval_only) return ST_OK;
   ST_CHECK(open_data(t, err));
-  ST_CHECK(st_dataset_seek(t->data, t->ts.data_cursor, err));
+  int64_t global_micro = (int64_t)t->world_size * t->s.micro_batch_size; /* samples per micro-step, all ranks */
+  if (t->ts.samples_seen % global_micro != 0)
+    return st_error_set(err, ST_ERR_CONFIG, "train_micro_batch_size_per_gpu",
+                        "the checkpoint has seen %lld samples, not a whole number of micro-steps of %d rank(s) x %lld: "
+                        "resume with a micro-batch size and rank count whose product divides %lld",
+                        (long long)t->ts.samples_seen, t->world_size, (long long)t->s.micro_batch_size,
+                        (long long)t->ts.samples_seen);
+  ST_CHECK(st_dataset_seek(t->data, t->ts.samples_seen / global_micro, err));
   return open_outputs(t, err);
 }
 
@@ -567,6 +694,135 @@ static void report_step(trainer *t, const st_loss *loss, double lr, double gnorm
   for (int i = 0; i < loss->n_metrics; i++) st_metrics_add(t->metrics, loss->metric_names[i], loss->metric_values[i]);
 }
 
+/* One pass over the validation set without gradients: each sample's sigma and noise come from its
+ * global index and the validation seed (or from the sample itself), so the number does not depend on
+ * the training seed, the strategy or the world size. Returns the mean over every rank's samples. */
+static st_result run_validation(trainer *t, st_loss *out, st_error *err) {
+  const st_model_plugin_v1 *m = t->model;
+  int U = t->desc->n_units;
+  double sums[1 + 8 + 1] = {0}; /* loss, model metrics, count */
+  const char *names[8] = {0};
+  int n_metrics = 0;
+  ST_CHECK(st_dataset_seek(t->val_data, 0, err));
+  for (int64_t j = 0; j < t->val_batches; j++) {
+    st_batch batch;
+    ST_CHECK(st_dataset_next(t->val_data, &batch, err));
+    batch.seed = t->host->rng->u64(t->s.val_seed, 0x76616c6964ull /* "valid" */, 0);
+    batch.first_sample = j * t->world_size + t->rank;
+    batch.step = t->ts.step;
+    batch.training = false;
+    void *bctx = NULL;
+    ST_CHECK(m->batch_prepare(t->mctx, &batch, &bctx, err));
+    st_result r = plan_activations(t, bctx, err);
+    if (r == ST_OK) r = forward_units(t, bctx, false, err);
+    st_loss l = {0};
+    st_tensor dcarry[ST_MAX_CARRY];
+    if (r == ST_OK) {
+      dcarry_at(t, U, dcarry);
+      r = m->loss(t->mctx, bctx, carry_at(t, U), 0.0, dcarry, &l, err);
+    }
+    if (r == ST_OK && t->dump) { /* the model's raw output and the loss, keyed by the sample */
+      /* the sample's file name without folder and extension ("sample-000003") */
+      const char *id = batch.samples[0].id ? batch.samples[0].id : "sample", *slash = strrchr(id, '/');
+      if (slash) id = slash + 1;
+      int id_len = (int)strcspn(id, ".");
+      char name[600];
+      for (int i = 0; i < t->layouts[U].n && r == ST_OK; i++) {
+        const st_tensor *o = &carry_at(t, U)[i];
+        if (i) snprintf(name, sizeof name, "%.*s/output.%d", id_len, id, i);
+        else snprintf(name, sizeof name, "%.*s/output", id_len, id);
+        r = st_safetensors_writer_add(t->dump, name, o->dtype, o->ndim, o->shape, o->data, true, err);
+      }
+      snprintf(name, sizeof name, "%.*s/loss", id_len, id);
+      int64_t one[1] = {1};
+      if (r == ST_OK) r = st_safetensors_writer_add(t->dump, name, ST_F64, 1, one, &l.loss, true, err);
+    }
+    m->batch_release(t->mctx, bctx);
+    if (r != ST_OK) return st_error_prefix(err, "validation sample %s: ", batch.samples[0].id ? batch.samples[0].id : "?");
+    sums[0] += l.loss;
+    n_metrics = l.n_metrics < 8 ? l.n_metrics : 8;
+    for (int i = 0; i < n_metrics; i++) {
+      sums[1 + i] += l.metric_values[i];
+      names[i] = l.metric_names[i];
+    }
+    sums[9] += 1.0;
+  }
+  if (t->world_size > 1) ST_CHECK(t->comm->all_reduce(t->world, sums, sums, 10, ST_F64, ST_REDUCE_SUM, NULL, err));
+  *out = (st_loss){.loss = sums[0] / sums[9], .n_items = (int64_t)sums[9], .n_metrics = n_metrics};
+  for (int i = 0; i < n_metrics; i++) {
+    out->metric_names[i] = names[i];
+    out->metric_values[i] = sums[1 + i] / sums[9];
+  }
+  return ST_OK;
+}
+
+/* validation during training: logs val/loss, tracks the best, says whether to stop early */
+static st_result validate_step(trainer *t, bool *stop, st_error *err) {
+  st_loss v = {0};
+  ST_CHECK(run_validation(t, &v, err));
+  t->ts.val_loss = v.loss;
+  double sign = t->s.monitor_max ? -1.0 : 1.0;
+  bool better = isnan(t->best_val) || sign * (t->best_val - v.loss) > t->s.early_min_delta;
+  if (better) {
+    t->best_val = v.loss;
+    t->evals_since_best = 0;
+  } else {
+    t->evals_since_best++;
+  }
+  if (t->rank == 0) {
+    st_metrics_add(t->metrics, "val/loss", v.loss);
+    for (int i = 0; i < v.n_metrics; i++) {
+      char tag[96];
+      snprintf(tag, sizeof tag, "val/%s", v.metric_names[i]);
+      st_metrics_add(t->metrics, tag, v.metric_values[i]);
+    }
+  }
+  st_log(t->logger, ST_LOG_INFO, "step %lld: val_loss %.6g over %lld samples%s", (long long)t->ts.step, v.loss,
+         (long long)v.n_items, better ? " (best so far)" : "");
+  *stop = t->s.early_patience > 0 && t->evals_since_best >= t->s.early_patience;
+  if (*stop)
+    st_log(t->logger, ST_LOG_INFO, "early stopping: val_loss has not improved by more than %g for %lld evaluations "
+           "(best %.6g)", t->s.early_min_delta, (long long)t->evals_since_best, t->best_val);
+  return ST_OK;
+}
+
+/* the logged loss and model metrics are the global batch's: the mean over ranks */
+static st_result average_over_ranks(trainer *t, st_loss *l, st_error *err) {
+  if (t->world_size == 1) return ST_OK;
+  double v[1 + 8]; /* st_loss holds at most 8 metrics */
+  int n = l->n_metrics < 8 ? l->n_metrics : 8;
+  v[0] = l->loss;
+  for (int i = 0; i < n; i++) v[1 + i] = l->metric_values[i];
+  ST_CHECK(t->comm->all_reduce(t->world, v, v, 1 + n, ST_F64, ST_REDUCE_AVG, NULL, err));
+  l->loss = v[0];
+  for (int i = 0; i < n; i++) l->metric_values[i] = v[1 + i];
+  return ST_OK;
+}
+
+/* The strategy's predicted bytes per rank before step 1 and, after it, the measured peak beside the
+ * prediction (activations and workspace come on top of the strategy's state). */
+static void memory_report(trainer *t, bool measured) {
+  st_memory_plan plan = {0};
+  if (!t->strategy->memory_plan || t->strategy->memory_plan(t->sctx, &plan) != ST_OK) return;
+  uint64_t total = 0;
+  char line[512];
+  int n = snprintf(line, sizeof line, "memory per rank, predicted:");
+  for (int i = 0; i < ST_MEMORY_CATEGORIES; i++) {
+    uint64_t b = plan.device_bytes[i] + plan.host_bytes[i];
+    total += b;
+    if (plan.category[i] && b && n < (int)sizeof line)
+      n += snprintf(line + n, sizeof line - (size_t)n, " %s %.1f MiB", plan.category[i], b / 1048576.0);
+  }
+  if (!measured) {
+    st_log(t->logger, ST_LOG_INFO, "%s, total %.1f MiB (+ activations)", line, total / 1048576.0);
+    return;
+  }
+  uint64_t peak = st_host_peak_bytes(t->host, t->host->device.type);
+  st_log(t->logger, ST_LOG_INFO, "memory per rank after step 1: peak %.1f MiB measured, %.1f MiB predicted for "
+         "parameters, gradients and optimizer state, %.1f MiB for activations and workspace",
+         peak / 1048576.0, total / 1048576.0, peak > total ? (peak - total) / 1048576.0 : 0.0);
+}
+
 static st_result train_loop(trainer *t, st_error *err) {
   int64_t total = total_steps(t);
   if (t->s.scheduler.total_num_steps <= 0) t->s.scheduler.total_num_steps = total;
@@ -580,6 +836,8 @@ static st_result train_loop(trainer *t, st_error *err) {
          (long long)t->s.micro_batch_size, (long long)t->s.grad_accum_steps, t->world_size);
   int64_t gas = t->s.grad_accum_steps;
   int64_t micro_index = st_dataset_cursor(t->data);
+  int64_t first_step = t->ts.step;
+  memory_report(t, false);
   while (t->ts.step < total) {
     if (t->opt.stop && *t->opt.stop) {
       st_log(t->logger, ST_LOG_WARN, "interrupted: saving a checkpoint at step %lld", (long long)t->ts.step);
@@ -602,6 +860,7 @@ static st_result train_loop(trainer *t, st_error *err) {
     }
     for (int i = 0; i < agg.n_metrics; i++) agg.metric_values[i] /= (double)gas;
     agg.loss = loss_sum / (double)gas;
+    ST_CHECK(average_over_ranks(t, &agg, err));
     double t1 = now_s();
     double norm_sq = 0.0;
     ST_CHECK(t->strategy->grad_norm_sq(t->sctx, &norm_sq, err));
@@ -627,20 +886,33 @@ static st_result train_loop(trainer *t, st_error *err) {
       st_step_args sa = {.step = t->ts.step + 1, .lr = lr, .grad_scale = clip / t->scaler.scale};
       ST_CHECK(t->strategy->step(t->sctx, &sa, err));
       t->ts.step++;
+      if (t->opt.test_die_at_step == t->ts.step && t->opt.test_die_rank == t->rank && t->denv.restart_count == 0)
+        raise(SIGKILL); /* test hook: a rank dying mid-run (first attempt only) */
     }
     pt.step = now_s() - t1;
+    bool stop_early = false;
+    t->ts.val_loss = NAN;
+    st_on_save_poll(t->jobs, false);
+    if (!skip && t->val_data &&
+        ((t->s.eval_steps > 0 && t->ts.step % t->s.eval_steps == 0) || t->ts.step == total))
+      ST_CHECK(validate_step(t, &stop_early, err));
+    if (t->ts.step == first_step + 1 && !skip) memory_report(t, true);
     double step_s = now_s() - t0;
     if (!skip || t->scaler.dynamic) {
       report_step(t, &agg, lr, gnorm, &pt, step_s, skip);
       if (t->rank == 0) {
         ST_CHECK(st_metrics_commit(t->metrics, t->ts.step, err));
         char extra[96];
-        snprintf(extra, sizeof extra, "gnorm %.3g", gnorm);
+        int n = snprintf(extra, sizeof extra, "gnorm %.3g", gnorm);
+        if (!isnan(t->ts.val_loss)) snprintf(extra + n, sizeof extra - (size_t)n, " | val %.4g", t->ts.val_loss);
         st_progress_update(t->progress, t->ts.step, agg.loss, lr, extra);
       }
     }
-    if (!skip && t->s.save_steps > 0 && t->ts.step % t->s.save_steps == 0 && t->ts.step < total)
+    bool selecting = t->s.save_top_k > 0 && !isnan(t->ts.val_loss); /* save after each validation */
+    if (!skip && t->ts.step < total && !stop_early &&
+        ((t->s.save_steps > 0 && t->ts.step % t->s.save_steps == 0) || selecting))
       ST_CHECK(save_checkpoint(t, err));
+    if (stop_early) break;
   }
   return save_checkpoint(t, err);
 }
@@ -650,6 +922,34 @@ st_result st_train(const st_run_options *opt, st_error *err) {
   st_result r = setup_plugins(&t, err);
   if (r == ST_OK) r = setup_training(&t, err);
   if (r == ST_OK) r = train_loop(&t, err);
+  trainer_free(&t);
+  return r;
+}
+
+/* ---- eval ------------------------------------------------------------------------------------ */
+
+st_result st_eval(const st_run_options *opt, const st_eval_options *eo, FILE *out, st_error *err) {
+  trainer t = {.opt = *opt, .eval_only = true};
+  st_result r = setup_plugins(&t, err);
+  if (r == ST_OK && !t.s.val_base_path && t.s.val_synthetic_samples <= 0)
+    r = st_error_set(err, ST_ERR_CONFIG, "data.validation", "strata eval needs a validation set: set "
+                     "data.validation.dataset_base_path (or synthetic.num_samples)");
+  if (r == ST_OK && eo->dump_path && t.world_size > 1)
+    r = st_error_set(err, ST_ERR_UNSUPPORTED, "--dump", "--dump writes one file from one process: run strata eval "
+                     "without launch");
+  if (r == ST_OK && eo->dump_path) r = st_safetensors_writer_create(&t.dump, err);
+  if (r == ST_OK) r = setup_training(&t, err);
+  st_loss v = {0};
+  if (r == ST_OK) r = run_validation(&t, &v, err);
+  if (r == ST_OK && t.rank == 0) {
+    fprintf(out, "val_loss %.9g over %lld samples\n", v.loss, (long long)v.n_items);
+    for (int i = 0; i < v.n_metrics; i++) fprintf(out, "val/%s %.9g\n", v.metric_names[i], v.metric_values[i]);
+  }
+  if (r == ST_OK && t.dump) {
+    r = st_safetensors_writer_finish(t.dump, eo->dump_path, true, err);
+    t.dump = NULL; /* finish frees the writer */
+    if (r == ST_OK) st_log(t.logger, ST_LOG_INFO, "wrote every sample's output and loss to %s", eo->dump_path);
+  }
   trainer_free(&t);
   return r;
 }
@@ -729,7 +1029,10 @@ st_result st_export(const st_export_options *eo, st_error *err) {
   if (!tensor_file)
     return st_error_set(err, ST_ERR_INVALID_ARGUMENT, "--format", "unknown format '%s' (safetensors, diffusers, peft, "
                         "transformers)", eo->format);
-  trainer t = {.opt = {.config_path = config_path, .console = stderr}};
+  /* the checkpoint's config, resolved for one process with the built-in strategy: the batch triple
+   * and strategy options of a multi-rank run do not matter for reading its weights */
+  const char *sets[] = {"train_batch_size=auto", "strategy={\"name\": \"local\"}"};
+  trainer t = {.opt = {.config_path = config_path, .console = stderr, .sets = sets, .n_sets = 2}};
   source_reader sr = {.pub = {.read = source_read}, .t = &t};
   sr.pub.self = &sr;
   export_sink sink = {.pub = {.put = export_put, .put_file = export_put_file}};

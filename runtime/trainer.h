@@ -16,6 +16,8 @@ typedef struct st_run_options {
   FILE *console;                    /* progress bar and log lines (stderr) */
   int progress_tty;                 /* -1 detect, 0 plain lines, 1 bar */
   unsigned ckpt_slow_write_ms;      /* test hook (STRATA_TEST_SLOW_SAVE_MS) */
+  int64_t test_die_at_step;         /* test hook (STRATA_TEST_DIE_AT_STEP=STEP:RANK): that rank SIGKILLs */
+  int test_die_rank;                /*   itself after that step, on the job's first attempt only */
 } st_run_options;
 
 /* Train until max_steps / num_epochs; on return the last checkpoint is on disk. */
@@ -23,6 +25,13 @@ st_result st_train(const st_run_options *opt, st_error *err);
 
 /* Resolve everything (plugins included) and print the final config with provenance. */
 st_result st_validate(const st_run_options *opt, FILE *out, st_error *err);
+
+/* `strata eval`: one pass over data.validation with the weights of opt's config (model.weights, or
+ * train.resume naming a checkpoint); prints val_loss (and model metrics) to out. */
+typedef struct st_eval_options {
+  const char *dump_path; /* NULL, or a safetensors file: "<sample>/output", "<sample>/loss" per sample */
+} st_eval_options;
+st_result st_eval(const st_run_options *opt, const st_eval_options *eo, FILE *out, st_error *err);
 
 /* `strata export CKPT --format F --out DIR`: the checkpoint's weights in an ecosystem layout,
  * written to DIR.tmp and renamed into place. */

@@ -649,7 +649,7 @@ static st_result qi_batch_prepare(void *ctx, const st_batch *batch, void **out, 
     } else {
       /* DiffSynth: i ~ U{0..999}; t = bf16(t_i) (its pipeline dtype); the noising sigma is the grid
        * entry nearest to that t; the model sees t / 1000. */
-      int64_t draw = (int64_t)(host->rng->u64(batch->seed, QI_STREAM_SIGMA, (uint64_t)i) % QI_GRID);
+      int64_t draw = (int64_t)(host->rng->u64(batch->seed, QI_STREAM_SIGMA, (uint64_t)(batch->first_sample + i)) % QI_GRID);
       double tb = st_bf16_to_f32(st_f32_to_bf16((float)gt[draw]));
       idx = nearest_grid(gt, tb);
       sigma_noise = gs[idx];
@@ -661,7 +661,8 @@ static st_result qi_batch_prepare(void *ctx, const st_batch *batch, void **out, 
     if (nz)
       for (int64_t k = 0; k < nlat; k++) eps[k] = load_elem(nz, k);
     else
-      host->rng->normal(batch->seed, QI_STREAM_NOISE + (uint64_t)i * 0x10000ull, 0, nlat, 0.0, 1.0, ST_F64, eps);
+      host->rng->normal(batch->seed, QI_STREAM_NOISE, (uint64_t)(batch->first_sample + i) * (uint64_t)nlat, nlat, 0.0, 1.0,
+                        ST_F64, eps);
     /* pack: token (r, q) row-major; channel (ch, dy, dx) -> ch p^2 + dy p + dx */
     for (int64_t ch = 0; ch < c; ch++)
       for (int64_t y = 0; y < hh; y++)

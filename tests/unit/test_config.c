@@ -147,10 +147,10 @@ static void test_unknown_keys(void) {
   CHECK_RESULT(extract_fails("{\"optimizer\": {\"params\": {\"max_grad_norm\": 1.0}}}", err), ST_ERR_CONFIG, err);
   CHECK_CONTAINS(err->message, "gradient_clipping");
 
-  /* plugin blocks: only name / plugin are strata's; data.validation is reserved */
+  /* plugin blocks: only name / plugin are strata's */
   st_settings s;
   st_config *c = load("{\"model\": {\"name\": \"m\", \"anything\": {\"x\": 1}}, \"strategy\": {\"name\": \"fsdp\", "
-                      "\"sharding\": 4}, \"data\": {\"validation\": {\"every\": 5}}}",
+                      "\"sharding\": 4}}",
                       err);
   CHECK(c != NULL);
   if (c) {
@@ -328,7 +328,7 @@ static void test_set_and_precedence(void) {
                                                 " \"train\": {\"seed\": 6}, \"model\": {\"name\": \"mlp\"}}");
   const char *sets[] = {"gradient_clipping=0.9",       "train.max_steps=100",         "optimizer.params.lr=1e-4",
                         "data.shuffle=false",          "train.output_path=runs/x",    "model.tag=\"quoted\"",
-                        "data.validation={\"every\":10}", "model.extra.deep.key=null"};
+                        "data.validation={\"synthetic\":{\"num_samples\":4}}", "model.extra.deep.key=null"};
   CHECK_OK(st_config_load(main_cfg, ds, sets, 8, &c, err), err);
   if (!c) return;
   CHECK_OK(st_config_resolve(c, 1, 0, &s, err), err);
@@ -340,12 +340,13 @@ static void test_set_and_precedence(void) {
   CHECK(s.seed == 6);           /* main file over DeepSpeed file */
   CHECK(s.save_steps == 7);     /* only in the DeepSpeed file */
   CHECK(s.micro_batch_size == 2);
+  CHECK(s.val_synthetic_samples == 4 && s.val_seed == 1234); /* a JSON object through --set */
   st_cfg *model = st_config_node(c, "model");
   const st_cfg_api *api = st_config_api();
   const char *tag = NULL;
   CHECK_OK(api->get_string(model, "tag", NULL, &tag, err), err);
   CHECK(tag && strcmp(tag, "quoted") == 0);
-  CHECK(api->type(st_config_node(c, "data.validation"), "every") == ST_CFG_INT);
+  CHECK(api->type(st_config_node(c, "data.validation"), "synthetic") == ST_CFG_OBJECT);
   CHECK(api->type(st_config_node(c, "model.extra.deep"), "key") == ST_CFG_NULL);
 
   CHECK(st_config_provenance(c, "gradient_clipping") == ST_PROV_SET);
@@ -356,7 +357,21 @@ static void test_set_and_precedence(void) {
   CHECK(st_config_provenance(c, "train_micro_batch_size_per_gpu") == ST_PROV_DEEPSPEED);
   CHECK(st_config_provenance(c, "train.keep_last") == ST_PROV_DEFAULT);
   CHECK(st_config_provenance(c, "train_batch_size") == ST_PROV_DERIVED);
-  CHECK(st_config_provenance(c, "data.validation.every") == ST_PROV_SET);
+  CHECK(st_config_provenance(c, "data.validation.synthetic.num_samples") == ST_PROV_SET);
+
+  /* validation-driven options without a validation set, and an unknown monitor */
+  st_config_free(c);
+  CHECK_RESULT(extract_fails("{\"train\": {\"checkpoint\": {\"save_top_k\": 2}}}", err), ST_ERR_CONFIG, err);
+  CHECK_CONTAINS(err->message, "needs a validation set");
+  CHECK_RESULT(extract_fails("{\"data\": {\"validation\": {\"synthetic\": {\"num_samples\": 4}}}, "
+                             "\"train\": {\"checkpoint\": {\"monitor\": \"val_acc\"}}}", err), ST_ERR_CONFIG, err);
+  CHECK(strcmp(err->where, "train.checkpoint.monitor") == 0);
+  CHECK_RESULT(extract_fails("{\"data\": {\"validation\": {\"max_samples\": 4}}}", err), ST_ERR_CONFIG, err);
+  CHECK_CONTAINS(err->message, "dataset_base_path");
+  c = NULL;
+  CHECK_OK(st_config_load(main_cfg, ds, sets, 8, &c, err), err);
+  if (!c) return;
+  CHECK_OK(st_config_resolve(c, 1, 0, &s, err), err);
 
   /* the listing: every leaf, aligned, with its source */
   char *out = printed(c);

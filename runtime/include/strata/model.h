@@ -59,9 +59,12 @@ typedef struct st_sample {
 typedef struct st_batch {
   int n_samples;
   const st_sample *samples;
-  uint64_t seed;     /* per micro-step: the model derives noise, sigma, dropout from it */
+  uint64_t seed;     /* per run: the model derives noise, sigma, dropout from (seed, first_sample + i) */
   int64_t step;      /* optimizer step (for logs and schedules inside the model) */
   bool training;     /* false: validation, no backward will follow */
+  /* global ordinal of samples[0] in the data stream: keying per-sample randomness on it makes a run
+   * independent of how the global batch is split into ranks and micro-batches */
+  int64_t first_sample;
 } st_batch;
 
 typedef struct st_loss {
