@@ -13,7 +13,10 @@
 typedef enum st_reduce_op { ST_REDUCE_SUM = 0, ST_REDUCE_AVG = 1, ST_REDUCE_MAX = 2, ST_REDUCE_MIN = 3 } st_reduce_op;
 
 /* The core's TCP key-value store (hosted by rank 0 or the launcher), handed to comm backends to
- * exchange addresses and unique ids. Values are opaque bytes. */
+ * exchange addresses and unique ids. Values are opaque bytes. `get` with timeout_ms == 0 checks once
+ * and returns ST_ERR_NOT_FOUND when the key is absent. The virtual key "strata/dead_ranks" reads as
+ * a comma-separated list of the world ranks whose store connection dropped without a goodbye, so a
+ * backend can name a dead peer instead of reporting a bare timeout. */
 typedef struct st_store {
   void *self;
   st_result (*set)(struct st_store *s, const char *key, const void *value, size_t len, st_error *err);
