@@ -29,7 +29,8 @@
  *     train.output_path), job_name "DeepSpeedJobName"
  *   strategy.name "local" (when neither name nor plugin is given)
  *   data: dataset_repeat 1, num_workers 1 (one prefetch thread; 0 loads inline), shuffle true,
- *     synthetic.num_samples 0 (no synthetic data)
+ *     synthetic.num_samples 0 (no synthetic data), synthetic.seed 1 (the synthetic data set: independent of
+ *     train.seed, so runs with different training seeds see the same data)
  *   train: max_steps 0 (= num_epochs over the data), num_epochs 1, seed 42, output_path "out",
  *     save_steps 0 (only at the end), keep_last 0 (keep all), resume null, max_bad_steps 3,
  *     peak_tflops 0 (unknown: MFU is not reported), gradient_checkpointing = whether an
@@ -945,7 +946,7 @@ static const key_spec monitor_spec[] = {K("enabled", T_BOOL, 0), K("output_path"
 
 static const key_spec plugin_block_spec[] = {K("name", T_STR, 0), K("plugin", T_STR, 0), KEND};
 
-static const key_spec synthetic_spec[] = {K("num_samples", T_INT, 0), KEND};
+static const key_spec synthetic_spec[] = {K("num_samples", T_INT, 0), K("seed", T_INT, 0), KEND};
 static const key_spec validation_spec[] = {
     K("dataset_base_path", T_STR, 0), K("dataset_metadata_path", T_STR, 0), K("max_samples", T_INT, 0),
     K("seed", T_INT, 0), KOBJ("synthetic", 0, synthetic_spec), KEND};
@@ -1411,7 +1412,12 @@ static st_result extract_strata_blocks(st_cfg *root, st_settings *s, st_error *e
   ST_CHECK(a->get_bool(data, "shuffle", true, &s->shuffle, err));
   ST_CHECK(a->get_object(data, "synthetic", false, &synth, err));
   s->synthetic_samples = 0;
-  if (synth) ST_CHECK(get_small_int(synth, "num_samples", 0, 0, INT64_MAX, &s->synthetic_samples, err));
+  s->synthetic_seed = 1;
+  if (synth) {
+    ST_CHECK(get_small_int(synth, "num_samples", 0, 0, INT64_MAX, &s->synthetic_samples, err));
+    ST_CHECK(get_small_int(synth, "seed", 1, 0, INT64_MAX, &v, err));
+    s->synthetic_seed = (uint64_t)v;
+  }
 
   st_cfg *val, *vsynth;
   ST_CHECK(a->get_object(data, "validation", false, &val, err));
@@ -1425,7 +1431,11 @@ static st_result extract_strata_blocks(st_cfg *root, st_settings *s, st_error *e
     ST_CHECK(get_small_int(val, "seed", 1234, 0, INT64_MAX, &v, err));
     s->val_seed = (uint64_t)v;
     ST_CHECK(a->get_object(val, "synthetic", false, &vsynth, err));
-    if (vsynth) ST_CHECK(get_small_int(vsynth, "num_samples", 0, 0, INT64_MAX, &s->val_synthetic_samples, err));
+    if (vsynth) {
+      ST_CHECK(get_small_int(vsynth, "num_samples", 0, 0, INT64_MAX, &s->val_synthetic_samples, err));
+      ST_CHECK(need(api_type(vsynth, "seed") == ST_CFG_ABSENT, vsynth, "seed", err,
+                    "validation samples come from the training data's distribution: set data.synthetic.seed"));
+    }
     ST_CHECK(need(s->val_base_path || s->val_synthetic_samples > 0, val, "dataset_base_path", err,
                   "the validation set needs dataset_base_path (cached samples) or synthetic.num_samples"));
   }

@@ -95,6 +95,7 @@ typedef struct st_settings {
   int num_workers;
   bool shuffle;
   int64_t synthetic_samples;  /* data.synthetic.num_samples: > 0 generates a synthetic cache */
+  uint64_t synthetic_seed;    /* data.synthetic.seed: which synthetic data set (training and validation) */
 
   /* train */
   int64_t max_steps, num_epochs;

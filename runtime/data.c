@@ -776,16 +776,16 @@ static bool is_synth_sample(const char *name) {
   return digits >= 6 && strcmp(name + 7 + digits, ".safetensors") == 0;
 }
 
-static bool synth_is_done(const char *dir, int64_t n, uint64_t seed) {
+static bool synth_is_done(const char *dir, int64_t n, uint64_t seed, int64_t first) {
   char path[4200];
   snprintf(path, sizeof path, "%s/%s", dir, SYNTH_STAMP);
   json_t *stamp = json_load_file(path, 0, NULL);
   if (!stamp) return false;
   char seed_str[32];
   snprintf(seed_str, sizeof seed_str, "%llu", (unsigned long long)seed);
-  json_t *jn = json_object_get(stamp, "n"), *js = json_object_get(stamp, "seed");
+  json_t *jn = json_object_get(stamp, "n"), *js = json_object_get(stamp, "seed"), *jf = json_object_get(stamp, "first");
   bool same = json_is_integer(jn) && json_integer_value(jn) == n && json_is_string(js) &&
-              strcmp(json_string_value(js), seed_str) == 0;
+              strcmp(json_string_value(js), seed_str) == 0 && (jf ? json_integer_value(jf) : 0) == first;
   json_decref(stamp);
   snprintf(path, sizeof path, "%s/metadata.jsonl", dir);
   struct stat sb;
@@ -805,7 +805,7 @@ static bool synth_is_done(const char *dir, int64_t n, uint64_t seed) {
   return count == n;
 }
 
-st_result st_dataset_synthesize(const char *dir, int64_t n, uint64_t seed,
+st_result st_dataset_synthesize(const char *dir, int64_t n, uint64_t seed, int64_t first,
                                 st_result (*synth)(void *model_ctx, uint64_t seed, int64_t index,
                                                    st_tensor_sink *sink, st_error *err),
                                 void *model_ctx, st_error *err) {
@@ -813,7 +813,7 @@ st_result st_dataset_synthesize(const char *dir, int64_t n, uint64_t seed,
     return st_error_set(err, ST_ERR_INVALID_ARGUMENT, "data.synthetic", "synthesize: needs a directory, a synth "
                         "function and at least one sample (n = %lld)", (long long)n);
   ST_CHECK(st_mkdir_p(dir, err));
-  if (synth_is_done(dir, n, seed)) return ST_OK;
+  if (synth_is_done(dir, n, seed, first)) return ST_OK;
   char path[4200], tmp[4200];
   snprintf(path, sizeof path, "%s/%s", dir, SYNTH_STAMP);
   unlink(path); /* a run interrupted from here on is not mistaken for a complete one */
@@ -839,7 +839,7 @@ st_result st_dataset_synthesize(const char *dir, int64_t n, uint64_t seed,
     sink.pub.self = &sink;
     r = st_safetensors_writer_create(&sink.w, err);
     if (r != ST_OK) break;
-    r = synth(model_ctx, seed, i, &sink.pub, err);
+    r = synth(model_ctx, seed, first + i, &sink.pub, err);
     if (r == ST_OK && sink.n == 0)
       r = st_error_set(err, ST_ERR_PLUGIN, "data.synthetic", "the model's synth_sample wrote no tensors for sample %lld",
                        (long long)i);
@@ -863,8 +863,8 @@ st_result st_dataset_synthesize(const char *dir, int64_t n, uint64_t seed,
   free(meta);
   if (r == ST_OK) {
     char stamp[160];
-    int len = snprintf(stamp, sizeof stamp, "{\"n\": %lld, \"seed\": \"%llu\", \"format\": 1}\n", (long long)n,
-                       (unsigned long long)seed);
+    int len = snprintf(stamp, sizeof stamp, "{\"n\": %lld, \"seed\": \"%llu\", \"first\": %lld, \"format\": 1}\n",
+                       (long long)n, (unsigned long long)seed, (long long)first);
     r = write_atomic(dir, SYNTH_STAMP, stamp, (size_t)len, err);
   }
   return r;

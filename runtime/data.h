@@ -51,14 +51,14 @@ int64_t st_dataset_cursor(const st_dataset *d);
 /* Next micro-batch; the batch stays valid until the next call or close. */
 st_result st_dataset_next(st_dataset *d, st_batch *out, st_error *err);
 
-/* Write n synthetic samples (model->synth_sample) to dir as sample-000000.safetensors ... plus a
+/* Write n synthetic samples (model->synth_sample(seed, first + i)) to dir as sample-000000.safetensors ... plus a
  * metadata.jsonl; skips the work when dir already holds exactly those files for this seed.
  * dir and its parents are created. A stamp file (.strata-synthetic.json: n, seed) is written last;
  * when it does not match, earlier sample-*.safetensors in dir are removed first (a folder scan
  * would pick them up; no other file is touched) and every sample is written through a temporary name and a rename. The sink's
  * put_file is ST_ERR_UNSUPPORTED. Single-process: call it on one rank and barrier before others
  * open the folder. */
-st_result st_dataset_synthesize(const char *dir, int64_t n, uint64_t seed,
+st_result st_dataset_synthesize(const char *dir, int64_t n, uint64_t seed, int64_t first,
                                 st_result (*synth)(void *model_ctx, uint64_t seed, int64_t index,
                                                    st_tensor_sink *sink, st_error *err),
                                 void *model_ctx, st_error *err);

@@ -557,7 +557,7 @@ static st_result open_outputs(trainer *t, st_error *err) {
 }
 
 /* cached samples to read from: `base` as given, or synthetic ones written by rank 0 into `synth_dir` */
-static st_result data_source(trainer *t, const char *base, int64_t n_synth, uint64_t seed, const char *synth_dir,
+static st_result data_source(trainer *t, const char *base, int64_t n_synth, int64_t first, const char *synth_dir,
                              const char *what, const char **out, st_error *err) {
   *out = base;
   if (n_synth <= 0) return ST_OK;
@@ -567,7 +567,7 @@ static st_result data_source(trainer *t, const char *base, int64_t n_synth, uint
   if (!base) *out = synth_dir;
   if (t->rank == 0) {
     st_log(t->logger, ST_LOG_INFO, "writing %lld synthetic %s samples to %s", (long long)n_synth, what, *out);
-    ST_CHECK(st_dataset_synthesize(*out, n_synth, seed, t->model->synth_sample, t->mctx, err));
+    ST_CHECK(st_dataset_synthesize(*out, n_synth, t->s.synthetic_seed, first, t->model->synth_sample, t->mctx, err));
   }
   return world_barrier(t, err); /* the other ranks read what rank 0 wrote */
 }
@@ -580,9 +580,9 @@ static st_result open_val_data(trainer *t, st_error *err) {
   char synth_dir[4200];
   snprintf(synth_dir, sizeof synth_dir, "%s/synthetic-validation", s->output_path);
   const char *base;
-  /* a seed apart from training's, so validation samples are not training samples */
-  ST_CHECK(data_source(t, s->val_base_path, s->val_synthetic_samples, s->val_seed ^ 0x76616c6964ull, synth_dir,
-                       "validation", &base, err));
+  /* the training data's distribution (same seed), other samples (indices past any training set) */
+  ST_CHECK(data_source(t, s->val_base_path, s->val_synthetic_samples, (int64_t)1 << 40, synth_dir, "validation",
+                       &base, err));
   st_dataset_options o = {.base_path = base, .metadata_path = s->val_synthetic_samples > 0 ? NULL : s->val_metadata_path,
                           .repeat = 1, .shuffle = false, .batch_size = 1, .rank = t->rank, .world_size = t->world_size};
   ST_CHECK(st_dataset_open(&o, &t->val_data, err));
@@ -601,7 +601,7 @@ static st_result open_data(trainer *t, st_error *err) {
   const char *base = t->s.dataset_base_path;
   const char *meta = t->s.dataset_metadata_path;
   snprintf(synth_dir, sizeof synth_dir, "%s/synthetic-data", t->s.output_path);
-  ST_CHECK(data_source(t, base, t->s.synthetic_samples, t->s.seed, synth_dir, "training", &base, err));
+  ST_CHECK(data_source(t, base, t->s.synthetic_samples, 0, synth_dir, "training", &base, err));
   if (t->s.synthetic_samples > 0) meta = NULL;
   if (!base)
     return st_error_set(err, ST_ERR_CONFIG, "data.dataset_base_path",

@@ -26,6 +26,8 @@
 
 #include <strata/strategy.h>
 
+#include "strategy_util.h"
+
 #define DDP_NAME "ddp"
 
 typedef struct ddp_param {
@@ -503,18 +505,6 @@ static st_result ddp_state_save(void *vctx, st_state_writer *w, st_error *err) {
   return r;
 }
 
-/* a failed read with the parameter, the slice and what to check in the message */
-static st_result read_failed(st_error *err, st_result r, const char *who, const st_param_desc *p, st_state_kind kind,
-                             int64_t off, int64_t count) {
-  static const char *const kinds[] = {"value", "exp_avg", "exp_avg_sq"};
-  const char *k = (unsigned)kind < 3 ? kinds[kind] : "state";
-  if (err && err->code == r && err->message[0])
-    return st_error_prefix(err, "%s: loading the %s of %s[%lld:%lld]: ", who, k, p->name, (long long)off,
-                           (long long)(off + count));
-  return st_error_set(err, r, p->name, "%s: cannot load the %s of %s, elements [%lld, %lld): %s%s", who, k, p->name,
-                      (long long)off, (long long)(off + count), st_result_string(r),
-                      r == ST_ERR_NOT_FOUND ? " (the checkpoint or weights do not hold this parameter)" : "");
-}
 
 static st_result ddp_state_load(void *vctx, st_state_reader *rd, st_error *err) {
   ddp_ctx *c = vctx;

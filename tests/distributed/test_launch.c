@@ -7,8 +7,11 @@
  * one it prints when started by hand with the variables torchrun would set. */
 #include "launch.h"
 
+#include <arpa/inet.h>
 #include <fcntl.h>
+#include <netinet/in.h>
 #include <sched.h>
+#include <sys/socket.h>
 #include <signal.h>
 #include <stdlib.h>
 #include <sys/stat.h>
@@ -271,6 +274,51 @@ static void test_launch_ok(void) {
   }
 }
 
+/* a free TCP port (bound and released; good enough on loopback for a test) */
+static int free_port(void) {
+  int fd = socket(AF_INET, SOCK_STREAM, 0);
+  struct sockaddr_in a = {.sin_family = AF_INET};
+  a.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
+  socklen_t len = sizeof a;
+  if (bind(fd, (struct sockaddr *)&a, sizeof a) || getsockname(fd, (struct sockaddr *)&a, &len)) return -1;
+  close(fd);
+  return ntohs(a.sin_port);
+}
+
+/* without the launcher (variables as torchrun sets them): rank 0 hosts the store itself, on
+ * MASTER_PORT + 1 since torchrun's own store holds MASTER_PORT, and everyone meets there */
+static void test_store_without_launcher(void) {
+  int port = free_port();
+  CHECK(port > 0 && port < 65535);
+  char portstr[16];
+  snprintf(portstr, sizeof portstr, "%d", port - 1);
+  pid_t pids[3];
+  char outs[3][600];
+  for (int r = 0; r < 3; r++) {
+    snprintf(outs[r], sizeof outs[r], "%s/nolauncher_%d.out", tmpdir, r);
+    pids[r] = fork();
+    if (pids[r] == 0) {
+      int fo = open(outs[r], O_WRONLY | O_CREAT | O_TRUNC, 0644);
+      dup2(fo, 1);
+      char v[16];
+      snprintf(v, sizeof v, "%d", r);
+      setenv("RANK", v, 1), setenv("LOCAL_RANK", v, 1), setenv("WORLD_SIZE", "3", 1), setenv("LOCAL_WORLD_SIZE", "3", 1);
+      setenv("MASTER_ADDR", "127.0.0.1", 1), setenv("MASTER_PORT", portstr, 1), setenv("TORCHELASTIC_RUN_ID", "t", 1);
+      setenv("STRATA_STORE_TOKEN", "torchrun-job", 1), setenv("TEST_STORE", "1", 1);
+      execl(self, self, "child", (char *)NULL);
+      _exit(127);
+    }
+  }
+  for (int r = 0; r < 3; r++) {
+    int st = 0;
+    waitpid(pids[r], &st, 0);
+    char out[4096];
+    read_file(outs[r], out, sizeof out);
+    CHECK_MSG(WIFEXITED(st) && WEXITSTATUS(st) == 0, "rank %d without launcher: status 0x%x: %s", r, st, out);
+    CHECK_CONTAINS(s_(out), r == 0 ? "store ok (hosted here: 1)" : "store ok (hosted here: 0)");
+  }
+}
+
 static void test_fail_fast(bool by_signal) {
   char logdir[512];
   snprintf(logdir, sizeof logdir, "%s/logs-fail-%d", tmpdir, (int)by_signal);
@@ -408,6 +456,7 @@ int main(int argc, char **argv) {
   unsetenv("STRATA_STORE_TOKEN");
   test_detect();
   test_launch_ok();
+  test_store_without_launcher();
   test_fail_fast(false);
   test_fail_fast(true);
   test_restart();

@@ -395,13 +395,13 @@ static void test_synthesize(void) {
   snprintf(dir, sizeof dir, "%s/synth/nested", tmpdir); /* parents are created */
   st_error err_, *err = &err_;
   fake_model m = {.fail_at = -1};
-  CHECK_OK(st_dataset_synthesize(dir, 6, 42, fake_synth, &m, err), err);
+  CHECK_OK(st_dataset_synthesize(dir, 6, 42, 0, fake_synth, &m, err), err);
   CHECK(m.calls == 6);
   struct stat sb0, sb1;
   snprintf(p, sizeof p, "%s/sample-000005.safetensors", dir);
   CHECK(stat(p, &sb0) == 0);
   /* the same request again does nothing */
-  CHECK_OK(st_dataset_synthesize(dir, 6, 42, fake_synth, &m, err), err);
+  CHECK_OK(st_dataset_synthesize(dir, 6, 42, 0, fake_synth, &m, err), err);
   CHECK(m.calls == 6);
   CHECK(stat(p, &sb1) == 0 && sb1.st_ino == sb0.st_ino && sb1.st_mtim.tv_nsec == sb0.st_mtim.tv_nsec);
   int64_t v[16];
@@ -416,9 +416,9 @@ static void test_synthesize(void) {
     st_dataset_close(d);
   }
   /* a different seed regenerates; a smaller n leaves no stale samples behind */
-  CHECK_OK(st_dataset_synthesize(dir, 6, 43, fake_synth, &m, err), err);
+  CHECK_OK(st_dataset_synthesize(dir, 6, 43, 0, fake_synth, &m, err), err);
   CHECK(m.calls == 12);
-  CHECK_OK(st_dataset_synthesize(dir, 3, 43, fake_synth, &m, err), err);
+  CHECK_OK(st_dataset_synthesize(dir, 3, 43, 0, fake_synth, &m, err), err);
   CHECK(m.calls == 15);
   CHECK(access(p, F_OK) != 0);
   st_dataset *d = open_ds(dir, NULL, 1, 1, false, 0, 0, 0, 1);
@@ -427,28 +427,28 @@ static void test_synthesize(void) {
   /* files synthesize did not write are left alone */
   snprintf(p, sizeof p, "%s/user-sample.safetensors", dir);
   write_sample(p, 99);
-  CHECK_OK(st_dataset_synthesize(dir, 3, 42, fake_synth, &m, err), err);
+  CHECK_OK(st_dataset_synthesize(dir, 3, 42, 0, fake_synth, &m, err), err);
   CHECK(m.calls == 18 && access(p, F_OK) == 0);
-  CHECK_OK(st_dataset_synthesize(dir, 3, 42, fake_synth, &m, err), err); /* and do not break idempotence */
+  CHECK_OK(st_dataset_synthesize(dir, 3, 42, 0, fake_synth, &m, err), err); /* and do not break idempotence */
   CHECK(m.calls == 18);
   unlink(p);
   /* a deleted sample is noticed and rewritten */
   snprintf(p, sizeof p, "%s/sample-000001.safetensors", dir);
   unlink(p);
-  CHECK_OK(st_dataset_synthesize(dir, 3, 42, fake_synth, &m, err), err);
+  CHECK_OK(st_dataset_synthesize(dir, 3, 42, 0, fake_synth, &m, err), err);
   CHECK(m.calls == 21 && access(p, F_OK) == 0);
   /* the model's error comes back with the sample named; the next call starts over */
   m.fail_at = 1;
-  CHECK_RESULT(st_dataset_synthesize(dir, 3, 44, fake_synth, &m, err), ST_ERR_NUMERIC, err);
+  CHECK_RESULT(st_dataset_synthesize(dir, 3, 44, 0, fake_synth, &m, err), ST_ERR_NUMERIC, err);
   CHECK_CONTAINS(err->message, "synthesizing sample 1: synthetic failure");
   m.fail_at = -1;
   int before = m.calls;
-  CHECK_OK(st_dataset_synthesize(dir, 3, 44, fake_synth, &m, err), err);
+  CHECK_OK(st_dataset_synthesize(dir, 3, 44, 0, fake_synth, &m, err), err);
   CHECK(m.calls == before + 3);
   /* a file where the directory should be */
   snprintf(p, sizeof p, "%s/plainfile", tmpdir);
   write_text(p, "x");
-  CHECK_RESULT(st_dataset_synthesize(p, 3, 1, fake_synth, &m, err), ST_ERR_IO, err);
+  CHECK_RESULT(st_dataset_synthesize(p, 3, 1, 0, fake_synth, &m, err), ST_ERR_IO, err);
   CHECK_CONTAINS(err->message, "plainfile");
 }
 
