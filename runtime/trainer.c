@@ -155,7 +155,9 @@ static st_result setup_world(trainer *t, st_error *err) {
   return ST_OK;
 }
 
-static void trainer_free(trainer *t) {
+/* `failed`: this rank is leaving on an error; it leaves the store as a crash would, so the other
+ * ranks fail at once naming it instead of waiting in a collective until the timeout */
+static void trainer_free(trainer *t, bool failed) {
   st_logger_set_progress(t->logger, NULL);
   if (t->progress) st_progress_finish(t->progress);
   st_on_save_free(t->jobs);
@@ -174,7 +176,12 @@ static void trainer_free(trainer *t) {
   if (t->model && t->mctx) t->model->finalize(t->mctx);
   if (t->comm && t->world) t->comm->finalize(t->world);
   st_plugin_unload(&t->comm_plugin);
-  st_dist_store_close(&t->denv, t->store_server, t->store, t->s.comm_timeout_ms);
+  if (failed && t->store) {
+    st_store_abandon(t->store);
+    st_store_server_stop(t->store_server);
+  } else {
+    st_dist_store_close(&t->denv, t->store_server, t->store, t->s.comm_timeout_ms);
+  }
   st_plugin_unload(&t->strategy_plugin);
   st_plugin_unload(&t->model_plugin);
   st_host_destroy(t->host);
@@ -248,7 +255,7 @@ st_result st_validate(const st_run_options *opt, FILE *out, st_error *err) {
             t.model_plugin.path, t.desc->n_units, (long long)t.desc->n_params_total, t.strategy->header.name,
             t.strategy_plugin.path);
   }
-  trainer_free(&t);
+  trainer_free(&t, r != ST_OK);
   return r;
 }
 
@@ -922,7 +929,7 @@ st_result st_train(const st_run_options *opt, st_error *err) {
   st_result r = setup_plugins(&t, err);
   if (r == ST_OK) r = setup_training(&t, err);
   if (r == ST_OK) r = train_loop(&t, err);
-  trainer_free(&t);
+  trainer_free(&t, r != ST_OK);
   return r;
 }
 
@@ -950,7 +957,7 @@ st_result st_eval(const st_run_options *opt, const st_eval_options *eo, FILE *ou
     t.dump = NULL; /* finish frees the writer */
     if (r == ST_OK) st_log(t.logger, ST_LOG_INFO, "wrote every sample's output and loss to %s", eo->dump_path);
   }
-  trainer_free(&t);
+  trainer_free(&t, r != ST_OK);
   return r;
 }
 
@@ -1093,6 +1100,6 @@ st_result st_export(const st_export_options *eo, st_error *err) {
       st_log(t.logger, ST_LOG_INFO, "exported %s (%s) to %s", eo->checkpoint, eo->format, eo->out_dir);
     }
   }
-  trainer_free(&t);
+  trainer_free(&t, r != ST_OK);
   return r;
 }
