@@ -22,6 +22,66 @@ static void on_signal(int sig) {
   stop_requested = 1;
 }
 
+/* ---- a crash inside a plugin: name it -------------------------------------------------------- */
+
+static st_call_site call_site; /* written by the trainer around every plugin call, read by on_fatal */
+static const int fatal_signals[] = {SIGSEGV, SIGBUS, SIGFPE, SIGILL, SIGABRT};
+static const char *const fatal_names[] = {"SIGSEGV", "SIGBUS", "SIGFPE", "SIGILL", "SIGABRT"};
+#define N_FATAL ((int)(sizeof fatal_signals / sizeof fatal_signals[0]))
+static struct sigaction fatal_previous[N_FATAL];
+static char fatal_stack[1 << 16]; /* so that a stack overflow inside a plugin is reported too */
+
+static void put(const char *s) { /* write(2) is async-signal-safe; stdio is not */
+  size_t n = 0;
+  while (s && s[n]) n++;
+  while (n > 0) {
+    ssize_t w = write(STDERR_FILENO, s, n);
+    if (w <= 0) return;
+    s += w;
+    n -= (size_t)w;
+  }
+}
+
+/* Names the plugin call in flight, then gives the signal back to whoever had it before (the default
+ * action, or a sanitizer's report): the previous action is restored and, once this returns, the
+ * faulting instruction runs again or the re-raised signal is delivered. */
+static void on_fatal(int sig, siginfo_t *info, void *uctx) {
+  (void)uctx;
+  int i = 0;
+  while (i < N_FATAL - 1 && fatal_signals[i] != sig) i++;
+  int depth = call_site.depth;
+  put("strata: fatal signal ");
+  put(fatal_names[i]);
+  if (depth > 0) {
+    int k = depth <= ST_CALL_DEPTH ? depth - 1 : ST_CALL_DEPTH - 1;
+    put(" in ");
+    put(call_site.at[k].kind);
+    put(" plugin \"");
+    put(call_site.at[k].name);
+    put("\" during its ");
+    put(call_site.at[k].method);
+    put("() call\nstrata: plugin library: ");
+    put(call_site.at[k].path);
+    put("\nstrata: this is a bug in that plugin: run it under gdb, or build strata and the plugin with "
+        "-Db_sanitize=address,undefined to see the faulting line\n");
+  } else {
+    put(" outside any plugin call: a bug in strata, please report it with this log\n");
+  }
+  sigaction(sig, &fatal_previous[i], NULL);
+  if (!info || info->si_code <= 0) raise(sig); /* sent by kill/raise/abort: delivered after return */
+}
+
+static void install_fatal_handlers(void) {
+  stack_t ss = {.ss_sp = fatal_stack, .ss_size = sizeof fatal_stack};
+  sigaltstack(&ss, NULL);
+  struct sigaction sa;
+  memset(&sa, 0, sizeof sa);
+  sa.sa_sigaction = on_fatal;
+  sa.sa_flags = SA_SIGINFO | SA_ONSTACK;
+  sigemptyset(&sa.sa_mask);
+  for (int i = 0; i < N_FATAL; i++) sigaction(fatal_signals[i], &sa, &fatal_previous[i]);
+}
+
 static const char usage[] =
     "usage: strata <command> [options]\n"
     "\n"
@@ -127,7 +187,8 @@ int st_cli_main(int argc, char **argv) {
       else
         rest[n_rest++] = argv[i];
     }
-    st_run_options o = {.console = stderr, .progress_tty = -1, .stop = &stop_requested};
+    st_run_options o = {.console = stderr, .progress_tty = -1, .stop = &stop_requested, .call_site = &call_site};
+    install_fatal_handlers();
     if (usage_error || !parse_run_args(n_rest, rest, &o, sets)) {
       free(sets);
       free(rest);

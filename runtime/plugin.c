@@ -310,7 +310,11 @@ static bool try_file(st_plugin_kind kind, const char *path, const char *expected
     return false;
   }
   dlerror();
-  void *handle = dlopen(path, RTLD_NOW | RTLD_LOCAL);
+  int flags = RTLD_NOW | RTLD_LOCAL;
+#if defined(__SANITIZE_ADDRESS__)
+  flags |= RTLD_NODELETE; /* keep plugin code mapped at exit, so leak reports can name its frames */
+#endif
+  void *handle = dlopen(path, flags);
   if (!handle) {
     const char *e = dlerror();
     if (!e) e = "dlopen failed";
@@ -437,6 +441,19 @@ static void dir_add(dir_list *dl, const char *origin, const char *fmt, ...) {
   dl->used += len + 1;
 }
 
+/* The build tree is searched only by a strata running from it: an installed copy has the build
+ * folder's path compiled in too, and must not prefer plugins left there over its plugindir. The
+ * code running this function (libstrata, or a test linking the core) tells which one we are. */
+static bool running_from_build_tree(void) {
+  Dl_info info;
+  char root[PATH_MAX], self[PATH_MAX];
+  if (!ST_BUILD_ROOT[0] || !realpath(ST_BUILD_ROOT, root)) return false; /* no build tree (any more) */
+  if (!dladdr((const void *)running_from_build_tree, &info) || !info.dli_fname || !realpath(info.dli_fname, self))
+    return false;
+  size_t n = strlen(root);
+  return strncmp(self, root, n) == 0 && self[n] == '/';
+}
+
 /* The folders for `name` of `kind`, in search order. With name == NULL the build-tree folders
  * carry a literal "<name>" (for messages and `strata env`). */
 static void build_dirs(dir_list *dl, st_plugin_kind kind, const char *name) {
@@ -451,7 +468,7 @@ static void build_dirs(dir_list *dl, st_plugin_kind kind, const char *name) {
   }
   const char *root = ST_BUILD_ROOT;
   const char *nm = name ? name : "<name>";
-  if (root[0]) {
+  if (root[0] && running_from_build_tree()) {
     dir_add(dl, "build tree", "%s/models/%s", root, nm);
     dir_add(dl, "build tree", "%s/strategies/%s", root, nm);
     dir_add(dl, "build tree", "%s/plugins/%s", root, nm);

@@ -7,6 +7,7 @@
 #include <errno.h>
 #include <math.h>
 #include <signal.h>
+#include <stdatomic.h>
 #include <stdlib.h>
 #include <sys/stat.h>
 #include <time.h>
@@ -96,6 +97,47 @@ typedef struct trainer {
   double fwd_flops;         /* of the last micro-batch */
 } trainer;
 
+/* ---- which plugin call is in flight (for the CLI's fatal-signal report), and whose error ---- */
+
+static void call_enter(const trainer *t, const st_plugin *p, const char *method) {
+  st_call_site *s = t->opt.call_site;
+  if (!s) return;
+  int d = s->depth;
+  if (d >= 0 && d < ST_CALL_DEPTH) {
+    s->at[d].kind = st_plugin_kind_name(p->kind);
+    s->at[d].name = p->header && p->header->name ? p->header->name : "?";
+    s->at[d].path = p->path;
+    s->at[d].method = method;
+  }
+  atomic_signal_fence(memory_order_seq_cst); /* the entry is complete before depth publishes it */
+  s->depth = d + 1;
+}
+
+static st_result call_leave(const trainer *t, st_result r) {
+  if (t->opt.call_site) t->opt.call_site->depth--;
+  return r;
+}
+
+/* MODEL_CALL(t, "init", t->model->init(...)) evaluates to the call's st_result; the _VOID forms
+ * take any expression (a void call, an assignment). */
+#define MODEL_CALL(t, method, expr) (call_enter((t), &(t)->model_plugin, (method)), call_leave((t), (expr)))
+#define STRATEGY_CALL(t, method, expr) (call_enter((t), &(t)->strategy_plugin, (method)), call_leave((t), (expr)))
+#define MODEL_CALL_VOID(t, method, expr) \
+  (call_enter((t), &(t)->model_plugin, (method)), (expr), (void)call_leave((t), ST_OK))
+#define STRATEGY_CALL_VOID(t, method, expr) \
+  (call_enter((t), &(t)->strategy_plugin, (method)), (expr), (void)call_leave((t), ST_OK))
+
+/* A plugin method failed: keep its message and add which plugin, method and file it came from. A
+ * plugin that returned an error without filling err gets a message saying so. */
+static st_result plugin_failed(const st_plugin *p, const char *method, st_result r, st_error *err) {
+  if (err->code == ST_OK || !err->message[0])
+    st_error_set(err, r, "", "%s() returned \"%s\" without an error message", method, st_result_string(r));
+  size_t n = strlen(err->message);
+  snprintf(err->message + n, sizeof err->message - n, "\n  (from %s plugin \"%s\", %s(), %s)",
+           st_plugin_kind_name(p->kind), p->header && p->header->name ? p->header->name : "?", method, p->path);
+  return err->code;
+}
+
 static void log_sink(void *user, st_log_level level, const char *msg) { st_log((st_logger *)user, level, "%s", msg); }
 
 static st_result load_strategy_cb(void *user, const char *name, const st_strategy_plugin_v1 **out, st_error *err) {
@@ -172,8 +214,8 @@ static void trainer_free(trainer *t, bool failed) {
     h->free(h, h->device, t->dcarry_mem.base);
     h->free(h, h->device, t->work_mem.base);
   }
-  if (t->strategy && t->sctx) t->strategy->finalize(t->sctx);
-  if (t->model && t->mctx) t->model->finalize(t->mctx);
+  if (t->strategy && t->sctx) STRATEGY_CALL_VOID(t, "finalize", t->strategy->finalize(t->sctx));
+  if (t->model && t->mctx) MODEL_CALL_VOID(t, "finalize", t->model->finalize(t->mctx));
   if (t->comm && t->world) t->comm->finalize(t->world);
   st_plugin_unload(&t->comm_plugin);
   if (failed && t->store) {
@@ -236,13 +278,16 @@ static st_result setup_plugins(trainer *t, st_error *err) {
   ST_CHECK(setup_world(t, err));
 
   st_cfg *model_cfg = st_config_node(t->cfg, "model");
-  ST_CHECK(t->model->validate(model_cfg, st_config_api(), err));
-  ST_CHECK(t->model->init(t->host, model_cfg, &t->mctx, err));
-  t->desc = t->model->describe(t->mctx);
+  st_result r = MODEL_CALL(t, "validate", t->model->validate(model_cfg, st_config_api(), err));
+  if (r != ST_OK) return plugin_failed(&t->model_plugin, "validate", r, err);
+  r = MODEL_CALL(t, "init", t->model->init(t->host, model_cfg, &t->mctx, err));
+  if (r != ST_OK) return plugin_failed(&t->model_plugin, "init", r, err);
+  MODEL_CALL_VOID(t, "describe", t->desc = t->model->describe(t->mctx));
   ST_CHECK(st_config_resolve(t->cfg, t->world_size, t->desc->hidden_size, s, err));
   st_cfg *strategy_cfg; /* created when absent, so the strategy can still reach the root */
   ST_CHECK(st_config_api()->get_object(st_config_root(t->cfg), "strategy", true, &strategy_cfg, err));
-  ST_CHECK(t->strategy->validate(strategy_cfg, st_config_api(), err));
+  r = STRATEGY_CALL(t, "validate", t->strategy->validate(strategy_cfg, st_config_api(), err));
+  if (r != ST_OK) return plugin_failed(&t->strategy_plugin, "validate", r, err);
   return ST_OK;
 }
 
@@ -292,7 +337,8 @@ static st_result source_read(st_state_reader *sr, const st_param_desc *p, st_sta
   int unit, index;
   if (!locate_param(r->t->desc, p, &unit, &index))
     return st_error_set(err, ST_ERR_INTERNAL, p->name, "the strategy asked for a parameter the model does not have");
-  return r->t->model->init_param(r->t->mctx, r->t->s.seed, unit, index, offset, count, dt, dst, err);
+  return MODEL_CALL(r->t, "init_param",
+                    r->t->model->init_param(r->t->mctx, r->t->s.seed, unit, index, offset, count, dt, dst, err));
 }
 
 /* Every non-LoRA parameter must be in the weights with its shape, and nothing else may be there. */
@@ -369,7 +415,7 @@ static st_result load_state(trainer *t, st_error *err) {
     r = st_tensor_store_open_weights(weights, &sr.weights, err);
     if (r == ST_OK) r = check_weights(t->desc, sr.weights, weights, err);
   }
-  if (r == ST_OK) r = t->strategy->state_load(t->sctx, &sr.pub, err);
+  if (r == ST_OK) r = STRATEGY_CALL(t, "state_load", t->strategy->state_load(t->sctx, &sr.pub, err));
   st_tensor_store_close(sr.ckpt);
   st_tensor_store_close(sr.weights);
   if (r == ST_OK && dir[0]) {
@@ -399,7 +445,7 @@ static st_result save_checkpoint(trainer *t, st_error *err) {
                         .save_top_k = t->s.save_top_k, .monitor_max = t->s.monitor_max,
                         .barrier = world_barrier, .barrier_user = t, .n_param_tensors = count_params(t->desc)};
   char *config_json = st_config_to_json(t->cfg);
-  st_result r = st_ckpt_save(&co, t->strategy, t->sctx, &t->ts, config_json, err);
+  st_result r = STRATEGY_CALL(t, "state_save", st_ckpt_save(&co, t->strategy, t->sctx, &t->ts, config_json, err));
   free(config_json);
   if (r == ST_OK) st_log(t->logger, ST_LOG_INFO, "saved checkpoint %s/step-%06lld", t->s.output_path, (long long)t->ts.step);
   if (r == ST_OK && t->s.on_save && t->rank == 0) {
@@ -422,7 +468,7 @@ static st_result plan_activations(trainer *t, void *bctx, st_error *err) {
   int U = t->desc->n_units;
   size_t carry_bytes = 0, saved_total = 0, saved_max = 0, work_max = 0, dslot[ST_MAX_CARRY] = {0};
   for (int b = 0; b <= U; b++) {
-    ST_CHECK(t->model->carry_layout(t->mctx, bctx, b, &t->layouts[b], err));
+    ST_CHECK(MODEL_CALL(t, "carry_layout", t->model->carry_layout(t->mctx, bctx, b, &t->layouts[b], err)));
     for (int i = 0; i < t->layouts[b].n; i++) {
       size_t bytes = align64(st_tensor_nbytes(&t->layouts[b].t[i]));
       carry_bytes += bytes;
@@ -431,7 +477,7 @@ static st_result plan_activations(trainer *t, void *bctx, st_error *err) {
   }
   for (int u = 0; u < U; u++) {
     size_t saved = 0, work = 0;
-    ST_CHECK(t->model->unit_memory(t->mctx, bctx, u, &saved, &work, err));
+    ST_CHECK(MODEL_CALL(t, "unit_memory", t->model->unit_memory(t->mctx, bctx, u, &saved, &work, err)));
     t->saved_bytes[u] = align64(saved);
     t->saved_off[u] = t->s.activation_checkpointing ? 0 : saved_total;
     saved_total += t->saved_bytes[u];
@@ -475,18 +521,23 @@ typedef struct phase_times {
   double data, forward, backward, step;
 } phase_times;
 
+/* one unit's forward inside its strategy window; `saved` (NULL: nothing) receives what backward needs */
+static st_result forward_unit(trainer *t, void *bctx, int u, void *saved, st_error *err) {
+  const st_tensor *params;
+  st_result r = STRATEGY_CALL(t, "pre_forward", t->strategy->pre_forward(t->sctx, u, &params, err));
+  if (r == ST_OK)
+    r = MODEL_CALL(t, "unit_forward", t->model->unit_forward(t->mctx, bctx, u, params, carry_at(t, u),
+                                                            carry_at(t, u + 1), saved, t->work_mem.base, err));
+  if (r == ST_OK) r = STRATEGY_CALL(t, "post_forward", t->strategy->post_forward(t->sctx, u, err));
+  if (r != ST_OK) st_error_prefix(err, "forward of unit %s: ", t->desc->units[u].name);
+  return r;
+}
+
 /* every unit's forward in the static order; `keep_saved` keeps what backward needs */
 static st_result forward_units(trainer *t, void *bctx, bool keep_saved, st_error *err) {
   for (int i = 0; i < t->desc->n_units; i++) {
     int u = t->unit_order[i];
-    const st_tensor *params;
-    st_result r = t->strategy->pre_forward(t->sctx, u, &params, err);
-    void *saved = keep_saved ? t->saved_mem.base + t->saved_off[u] : NULL;
-    if (r == ST_OK)
-      r = t->model->unit_forward(t->mctx, bctx, u, params, carry_at(t, u), carry_at(t, u + 1), saved,
-                                 t->work_mem.base, err);
-    if (r == ST_OK) r = t->strategy->post_forward(t->sctx, u, err);
-    if (r != ST_OK) return st_error_prefix(err, "forward of unit %s: ", t->desc->units[u].name);
+    ST_CHECK(forward_unit(t, bctx, u, keep_saved ? t->saved_mem.base + t->saved_off[u] : NULL, err));
   }
   return ST_OK;
 }
@@ -505,7 +556,7 @@ static st_result micro_step(trainer *t, int64_t micro_index, bool last_micro, do
   batch.step = t->ts.step;
   batch.training = true;
   void *bctx = NULL;
-  ST_CHECK(m->batch_prepare(t->mctx, &batch, &bctx, err));
+  ST_CHECK(MODEL_CALL(t, "batch_prepare", m->batch_prepare(t->mctx, &batch, &bctx, err)));
   st_result r = plan_activations(t, bctx, err);
   double t1 = now_s();
   pt->data += t1 - t0;
@@ -514,8 +565,9 @@ static st_result micro_step(trainer *t, int64_t micro_index, bool last_micro, do
   st_tensor dcarry[2][ST_MAX_CARRY];
   if (r == ST_OK) {
     dcarry_at(t, U, dcarry[U % 2]);
-    r = m->loss(t->mctx, bctx, carry_at(t, U), grad_scale, dcarry[U % 2], loss, err);
-    if (r == ST_OK && m->forward_flops) t->fwd_flops = m->forward_flops(t->mctx, bctx) * batch.n_samples;
+    r = MODEL_CALL(t, "loss", m->loss(t->mctx, bctx, carry_at(t, U), grad_scale, dcarry[U % 2], loss, err));
+    if (r == ST_OK && m->forward_flops)
+      MODEL_CALL_VOID(t, "forward_flops", t->fwd_flops = m->forward_flops(t->mctx, bctx) * batch.n_samples);
   }
   double t2 = now_s();
   pt->forward += t2 - t1;
@@ -525,26 +577,23 @@ static st_result micro_step(trainer *t, int64_t micro_index, bool last_micro, do
     const st_tensor *params;
     st_tensor *grads;
     if (ckpt) { /* replay the forward to rebuild this unit's saved activations */
-      r = sg->pre_forward(t->sctx, u, &params, err);
-      if (r == ST_OK)
-        r = m->unit_forward(t->mctx, bctx, u, params, carry_at(t, u), carry_at(t, u + 1), saved, t->work_mem.base, err);
-      if (r == ST_OK) r = sg->post_forward(t->sctx, u, err);
+      r = forward_unit(t, bctx, u, saved, err);
       if (r != ST_OK) break;
     }
-    r = sg->pre_backward(t->sctx, u, &params, &grads, err);
+    r = STRATEGY_CALL(t, "pre_backward", sg->pre_backward(t->sctx, u, &params, &grads, err));
     if (r != ST_OK) break;
     st_tensor *din = NULL;
     if (t->layouts[u].n > 0) {
       dcarry_at(t, u, dcarry[u % 2]);
       din = dcarry[u % 2];
     }
-    r = m->unit_backward(t->mctx, bctx, u, params, grads, carry_at(t, u), saved, dcarry[(u + 1) % 2], din,
-                         t->work_mem.base, err);
-    if (r == ST_OK) r = sg->post_backward(t->sctx, u, last_micro, err);
+    r = MODEL_CALL(t, "unit_backward", m->unit_backward(t->mctx, bctx, u, params, grads, carry_at(t, u), saved,
+                                                       dcarry[(u + 1) % 2], din, t->work_mem.base, err));
+    if (r == ST_OK) r = STRATEGY_CALL(t, "post_backward", sg->post_backward(t->sctx, u, last_micro, err));
     if (r != ST_OK) st_error_prefix(err, "backward of unit %s: ", t->desc->units[u].name);
   }
   pt->backward += now_s() - t2;
-  m->batch_release(t->mctx, bctx);
+  MODEL_CALL_VOID(t, "batch_release", m->batch_release(t->mctx, bctx));
   return r;
 }
 
@@ -574,7 +623,8 @@ static st_result data_source(trainer *t, const char *base, int64_t n_synth, int6
   if (!base) *out = synth_dir;
   if (t->rank == 0) {
     st_log(t->logger, ST_LOG_INFO, "writing %lld synthetic %s samples to %s", (long long)n_synth, what, *out);
-    ST_CHECK(st_dataset_synthesize(*out, n_synth, t->s.synthetic_seed, first, t->model->synth_sample, t->mctx, err));
+    ST_CHECK(MODEL_CALL(t, "synth_sample", st_dataset_synthesize(*out, n_synth, t->s.synthetic_seed, first,
+                                                                 t->model->synth_sample, t->mctx, err)));
   }
   return world_barrier(t, err); /* the other ranks read what rank 0 wrote */
 }
@@ -643,7 +693,9 @@ static st_result setup_training(trainer *t, st_error *err) {
   if (t->s.precision.dtype != ST_F32 && pd != t->s.precision.dtype)
     st_log(t->logger, ST_LOG_WARN, "%s is enabled but the model computes in %s on this device",
            t->s.precision.dtype == ST_BF16 ? "bf16" : "fp16", st_dtype_name(pd));
-  ST_CHECK(t->strategy->init(t->host, st_config_node(t->cfg, "strategy"), &setup, &t->sctx, err));
+  st_result r = STRATEGY_CALL(t, "init", t->strategy->init(t->host, st_config_node(t->cfg, "strategy"), &setup,
+                                                          &t->sctx, err));
+  if (r != ST_OK) return plugin_failed(&t->strategy_plugin, "init", r, err);
   const char *ignored[16];
   int n_ignored = st_config_ignored_keys(t->cfg, ignored, 16);
   for (int i = 0; i < n_ignored && i < 16; i++)
@@ -719,14 +771,14 @@ static st_result run_validation(trainer *t, st_loss *out, st_error *err) {
     batch.step = t->ts.step;
     batch.training = false;
     void *bctx = NULL;
-    ST_CHECK(m->batch_prepare(t->mctx, &batch, &bctx, err));
+    ST_CHECK(MODEL_CALL(t, "batch_prepare", m->batch_prepare(t->mctx, &batch, &bctx, err)));
     st_result r = plan_activations(t, bctx, err);
     if (r == ST_OK) r = forward_units(t, bctx, false, err);
     st_loss l = {0};
     st_tensor dcarry[ST_MAX_CARRY];
     if (r == ST_OK) {
       dcarry_at(t, U, dcarry);
-      r = m->loss(t->mctx, bctx, carry_at(t, U), 0.0, dcarry, &l, err);
+      r = MODEL_CALL(t, "loss", m->loss(t->mctx, bctx, carry_at(t, U), 0.0, dcarry, &l, err));
     }
     if (r == ST_OK && t->dump) { /* the model's raw output and the loss, keyed by the sample */
       /* the sample's file name without folder and extension ("sample-000003") */
@@ -744,7 +796,7 @@ static st_result run_validation(trainer *t, st_loss *out, st_error *err) {
       int64_t one[1] = {1};
       if (r == ST_OK) r = st_safetensors_writer_add(t->dump, name, ST_F64, 1, one, &l.loss, true, err);
     }
-    m->batch_release(t->mctx, bctx);
+    MODEL_CALL_VOID(t, "batch_release", m->batch_release(t->mctx, bctx));
     if (r != ST_OK) return st_error_prefix(err, "validation sample %s: ", batch.samples[0].id ? batch.samples[0].id : "?");
     sums[0] += l.loss;
     n_metrics = l.n_metrics < 8 ? l.n_metrics : 8;
@@ -810,7 +862,7 @@ static st_result average_over_ranks(trainer *t, st_loss *l, st_error *err) {
  * prediction (activations and workspace come on top of the strategy's state). */
 static void memory_report(trainer *t, bool measured) {
   st_memory_plan plan = {0};
-  if (!t->strategy->memory_plan || t->strategy->memory_plan(t->sctx, &plan) != ST_OK) return;
+  if (!t->strategy->memory_plan || STRATEGY_CALL(t, "memory_plan", t->strategy->memory_plan(t->sctx, &plan)) != ST_OK) return;
   uint64_t total = 0;
   char line[512];
   int n = snprintf(line, sizeof line, "memory per rank, predicted:");
@@ -870,14 +922,14 @@ static st_result train_loop(trainer *t, st_error *err) {
     ST_CHECK(average_over_ranks(t, &agg, err));
     double t1 = now_s();
     double norm_sq = 0.0;
-    ST_CHECK(t->strategy->grad_norm_sq(t->sctx, &norm_sq, err));
+    ST_CHECK(STRATEGY_CALL(t, "grad_norm_sq", t->strategy->grad_norm_sq(t->sctx, &norm_sq, err)));
     double gnorm = sqrt(norm_sq) / t->scaler.scale;
     bool bad_loss = !isfinite(agg.loss);
     bool overflow = !isfinite(norm_sq);
     bool skip = st_loss_scaler_update(&t->scaler, overflow) || bad_loss;
     double lr = st_sched_lr(&t->s.scheduler, t->s.optimizer.lr, t->ts.step);
     if (skip) {
-      ST_CHECK(t->strategy->skip_step(t->sctx, err));
+      ST_CHECK(STRATEGY_CALL(t, "skip_step", t->strategy->skip_step(t->sctx, err)));
       if (bad_loss || !t->scaler.dynamic) t->ts.bad_steps++;
       if (t->ts.bad_steps >= t->s.max_bad_steps)
         return st_error_set(err, ST_ERR_NUMERIC, "train.max_bad_steps",
@@ -891,7 +943,7 @@ static st_result train_loop(trainer *t, st_error *err) {
       t->ts.bad_steps = 0;
       double clip = st_clip_coefficient(gnorm, t->s.gradient_clipping);
       st_step_args sa = {.step = t->ts.step + 1, .lr = lr, .grad_scale = clip / t->scaler.scale};
-      ST_CHECK(t->strategy->step(t->sctx, &sa, err));
+      ST_CHECK(STRATEGY_CALL(t, "step", t->strategy->step(t->sctx, &sa, err)));
       t->ts.step++;
       if (t->opt.test_die_at_step == t->ts.step && t->opt.test_die_rank == t->rank && t->denv.restart_count == 0)
         raise(SIGKILL); /* test hook: a rank dying mid-run (first attempt only) */
@@ -1066,7 +1118,7 @@ st_result st_export(const st_export_options *eo, st_error *err) {
       st_log(t.logger, ST_LOG_WARN, "model %s has no %s exporter: writing plain safetensors", t.model->header.name,
              eo->format);
     r = generic ? export_all(t.desc, &src.pub, &sink.pub, err)
-                : t.model->export_weights(t.mctx, eo->format, eo->merge_lora, &src.pub, &sink.pub, err);
+                : MODEL_CALL((&t), "export_weights", t.model->export_weights(t.mctx, eo->format, eo->merge_lora, &src.pub, &sink.pub, err));
   }
   if (r == ST_OK && sink.n_tensors > 0) {
     char path[4300];

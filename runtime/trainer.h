@@ -7,6 +7,16 @@
 
 #include <strata/strata.h>
 
+/* The plugin calls in flight, recorded by the trainer for the CLI's fatal-signal handler (which may
+ * only read memory): at[0 .. depth-1], innermost last. Every string lives as long as its plugin. */
+#define ST_CALL_DEPTH 4
+typedef struct st_call_site {
+  struct {
+    const char *kind, *name, *path, *method;
+  } at[ST_CALL_DEPTH];
+  volatile sig_atomic_t depth;
+} st_call_site;
+
 typedef struct st_run_options {
   const char *config_path;
   const char *deepspeed_path;       /* NULL: none */
@@ -18,6 +28,7 @@ typedef struct st_run_options {
   unsigned ckpt_slow_write_ms;      /* test hook (STRATA_TEST_SLOW_SAVE_MS) */
   int64_t test_die_at_step;         /* test hook (STRATA_TEST_DIE_AT_STEP=STEP:RANK): that rank SIGKILLs */
   int test_die_rank;                /*   itself after that step, on the job's first attempt only */
+  st_call_site *call_site;          /* NULL, or where the trainer records the plugin call in flight */
 } st_run_options;
 
 /* Train until max_steps / num_epochs; on return the last checkpoint is on disk. */
