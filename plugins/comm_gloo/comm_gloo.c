@@ -291,30 +291,39 @@ static void fail_request(st_comm_request *r, int gs_code, const char *gloo_msg) 
                  "%s failed and the rendezvous store is unreachable too: the process hosting it (the launcher or rank "
                  "0) is gone — see its log [gloo: %s]",
                  what, gloo_msg);
-  } else if (gs_code == GS_TIMEOUT && r->kind != JOB_P2P_WAIT) {
+  } else if (r->kind != JOB_P2P_WAIT) {
+    /* a timeout here, or a peer that broke the group after its own timeout: compare what every rank
+     * was doing at this call through the store */
+    bool timed_out = gs_code == GS_TIMEOUT;
     char list[512], differ[768], mine[160];
     static const char *op_names[] = {"sum", "avg", "max", "min"};
     snprintf(mine, sizeof mine, "%s of %lld x %s%s%s", job_names[r->kind], (long long)r->count, st_dtype_name(r->dt),
              r->kind == JOB_ALL_REDUCE || r->kind == JOB_REDUCE_SCATTER ? " " : "",
              r->kind == JOB_ALL_REDUCE || r->kind == JOB_REDUCE_SCATTER ? op_names[r->op & 3] : "");
-    int64_t window = r->timeout_ms < 5000 ? r->timeout_ms : 5000;
+    int64_t window = timed_out ? (r->timeout_ms < 5000 ? r->timeout_ms : 5000) : 2000;
     int n = missing_ranks(c, r->seq, mine, window, list, sizeof list, differ, sizeof differ);
+    char how[64] = "failed";
+    if (timed_out) snprintf(how, sizeof how, "timed out after %lld ms", (long long)r->timeout_ms);
     if (n >= 0 && differ[0])
       st_error_set(&r->err, ST_ERR_COMM, c->name,
-                   "%s timed out after %lld ms because the ranks' collective schedules differ: at call #%u this rank "
-                   "called %s, %s%s%s [gloo: %s]",
-                   what, (long long)r->timeout_ms, r->seq, mine, differ, n > 0 ? "; not arrived: group rank " : "",
-                   n > 0 ? list : "", gloo_msg);
-    else if (n > 0)
+                   "%s %s because the ranks' collective schedules differ: at call #%u this rank called %s, %s%s%s "
+                   "[gloo: %s]",
+                   what, how, r->seq, mine, differ, n > 0 ? "; not arrived: group rank " : "", n > 0 ? list : "",
+                   gloo_msg);
+    else if (timed_out && n > 0)
       st_error_set(&r->err, ST_ERR_TIMEOUT, c->name,
                    "%s timed out after %lld ms: group rank %s did not arrive (the other ranks are waiting in the same "
                    "call; check that every rank runs the same collectives in the same order) [gloo: %s]",
                    what, (long long)r->timeout_ms, list, gloo_msg);
-    else
+    else if (timed_out)
       st_error_set(&r->err, ST_ERR_TIMEOUT, c->name,
                    "%s timed out after %lld ms waiting for a peer (no rank has died%s; raise the comm timeout if a "
                    "rank is legitimately slow) [gloo: %s]",
                    what, (long long)r->timeout_ms, n == 0 ? " and every rank reached this call" : "", gloo_msg);
+    else
+      st_error_set(&r->err, ST_ERR_COMM, c->name,
+                   "%s failed: %s (no rank has died; a peer may have failed first — see the other ranks' logs)", what,
+                   gloo_msg);
   } else {
     st_error_set(&r->err, gs_code == GS_TIMEOUT ? ST_ERR_TIMEOUT : ST_ERR_COMM, c->name,
                  "%s failed: %s (no rank has died; a peer may have failed first — see the other ranks' logs)", what,

@@ -248,6 +248,8 @@ typedef struct run_spec {
                              element, no parameter capture */
   mem_store *load;        /* state_load source */
   mem_store *save;        /* state_save target after training, or NULL */
+  bool resolve;           /* resolve "auto" in config (st_config_resolve, the model's hidden size) */
+  bool capture_log;       /* keep the plugin's log lines in rank_out.log */
 } run_spec;
 
 typedef struct rank_out {
@@ -259,6 +261,7 @@ typedef struct rank_out {
   int64_t open_requests;
   uint64_t peak_bytes, plan_bytes;
   st_memory_plan plan;
+  char log[4096];            /* capture_log: the plugin's log lines, newline-separated (truncated) */
   st_result result;
   st_error err;
 } rank_out;
@@ -340,6 +343,12 @@ static double model_forward(const run_spec *sp, int rank, int step, int micro, i
   return loss;
 }
 
+static void capture_sink(void *user, st_log_level level, const char *message) {
+  rank_out *out = user;
+  size_t n = strlen(out->log);
+  snprintf(out->log + n, sizeof out->log - n, "%s\n", message);
+}
+
 static st_result run_rank(rank_args *a, st_error *err) {
   const run_spec *sp = a->spec;
   rank_out *out = a->out;
@@ -359,8 +368,16 @@ static st_result run_rank(rank_args *a, st_error *err) {
     ho.comm = a->comm;
     ho.world = a->world_comm;
   }
+  if (sp->capture_log) {
+    ho.log_sink = capture_sink;
+    ho.log_user = out;
+  }
   ST_CHECK_GOTO(st_host_create(&ho, &host, err), r, done);
   ST_CHECK_GOTO(st_config_load_string(sp->config ? sp->config : "{}", "test", &cfg, err), r, done);
+  if (sp->resolve) {
+    st_settings settings;
+    ST_CHECK_GOTO(st_config_resolve(cfg, sp->world, cur->hidden_size, &settings, err), r, done);
+  }
   st_cfg *scfg;
   ST_CHECK_GOTO(st_config_api()->get_object(st_config_root(cfg), "strategy", true, &scfg, err), r, done);
   ST_CHECK_GOTO(a->sp->validate(scfg, st_config_api(), err), r, done);
@@ -455,11 +472,12 @@ static void *rank_main(void *vp) {
   return NULL;
 }
 
-static st_plugin plugins[2];
+#define N_PLUGINS 3
+static st_plugin plugins[N_PLUGINS];
 
 static const st_strategy_plugin_v1 *strategy(const char *name) {
   if (!strcmp(name, "local")) return st_local_strategy();
-  st_plugin *p = !strcmp(name, "ddp") ? &plugins[0] : &plugins[1];
+  st_plugin *p = !strcmp(name, "ddp") ? &plugins[0] : !strcmp(name, "fsdp") ? &plugins[1] : &plugins[2];
   if (!p->v.strategy) {
     st_error err;
     st_result r = st_plugin_load(ST_PLUGIN_STRATEGY, name, NULL, 0, p, &err);
@@ -914,6 +932,359 @@ static void test_missing_state(void) {
   store_free(&empty);
 }
 
+/* ---- zero3_offload: fsdp's layout with the optimizer (and the parameters) on the host ---------- */
+
+/* Tolerance against fsdp on the same ranks: gradients are reduced by the same code, and every
+ * element is updated by the same kernel from the same inputs, only read from host copies instead
+ * of device shards. The one possible difference is where a tile boundary (sub_group_size) splits a
+ * parameter: the CPU kernel handles full SIMD vectors and a scalar tail, which may round the last
+ * bit differently. That is ulps per step, so FP32_TOL (1e-5 relative) holds with a wide margin;
+ * bf16 windows take the scalar path everywhere, so there the masters must agree exactly (1e-7 in
+ * the check). A lost tile, a stale copy up, a wrong staging buffer or state at the wrong offset move
+ * the update by O(lr) = 1e-2. */
+static rank_out fsdp_outs[8];
+
+static const char *find_line(const char *log, const char *needle) { return strstr(log, needle); }
+
+/* a multi-rank run as a reference for compare_tol: rank 0's parameters and norms (every rank holds
+ * the same), the loss averaged over the ranks (each reports its own samples' mean) */
+static rank_out multi_ref;
+static const rank_out *as_reference(const rank_out *o, int world, int n_steps) {
+  multi_ref = o[0];
+  for (int t = 0; t < n_steps; t++) {
+    multi_ref.loss[t] = 0;
+    for (int r = 0; r < world; r++) multi_ref.loss[t] += o[r].loss[t] / world;
+  }
+  return &multi_ref;
+}
+
+static void test_offload_equivalence(void) {
+  static const int permuted[N_UNITS] = {2, 0, 3, 1};
+  const char *persist12 = "\"stage3_param_persistence_threshold\": 12";
+  struct {
+    const char *zero; /* zero3_offload's zero_optimization block, without braces */
+    const char *fsdp_zero; /* fsdp's (the same minus the offload keys) */
+    int world;
+    bool recompute, sgd;
+    st_dtype pdt;
+    const int *order;
+    const char *label;
+  } cases[] = {
+      {"\"stage\": 3", "\"stage\": 3", 2, false, false, ST_F32, NULL, "zero3_offload x2 (optimizer offload)"},
+      {"\"stage\": 3, \"offload_param\": {\"device\": \"cpu\", \"pin_memory\": true}", "\"stage\": 3", 2, false, false,
+       ST_F32, NULL, "zero3_offload x2, offload_param"},
+      {"\"stage\": 3, \"sub_group_size\": 7", "\"stage\": 3", 2, false, false, ST_F32, NULL,
+       "zero3_offload x2, sub_group_size 7"},
+      {"\"stage\": 3, \"sub_group_size\": 5, \"offload_param\": {\"device\": \"cpu\"}, "
+       "\"stage3_param_persistence_threshold\": 12", "\"stage\": 3, \"stage3_param_persistence_threshold\": 12", 2, true,
+       false, ST_F32, NULL, "zero3_offload x2, param, tile 5, persist 12, ckpt"},
+      {"\"stage\": 3, \"sub_group_size\": 3, \"offload_param\": {\"device\": \"cpu\"}", "\"stage\": 3", 4, false, true,
+       ST_F32, NULL, "zero3_offload x4, param, tile 3, SGD"},
+      {"\"stage\": 3, \"sub_group_size\": 11, \"offload_param\": {\"device\": \"cpu\"}", "\"stage\": 3", 3, true, false,
+       ST_F32, permuted, "zero3_offload x3, param, order 2 0 3 1"},
+      {"\"stage\": 3, \"sub_group_size\": 7", "\"stage\": 3", 2, false, false, ST_BF16, NULL,
+       "zero3_offload x2, bf16 windows, tile 7"},
+      {"\"stage\": 3, \"sub_group_size\": 7, \"offload_param\": {\"device\": \"cpu\"}, " , "\"stage\": 3, ", 2, false,
+       false, ST_BF16, NULL, "zero3_offload x2, bf16, param, tile 7, persist"},
+  };
+  /* the last case also keeps small parameters whole (persistent groups: device params, host master) */
+  char last_zero[256], last_fsdp[256];
+  snprintf(last_zero, sizeof last_zero, "%s%s", cases[7].zero, persist12);
+  snprintf(last_fsdp, sizeof last_fsdp, "%s%s", cases[7].fsdp_zero, persist12);
+  cases[7].zero = last_zero;
+  cases[7].fsdp_zero = last_fsdp;
+  static const tolerance bf16_windows = {1e-6, 8e-3, 1e-4, 1e-4};
+  mem_store init;
+  store_init(&init, true);
+  for (size_t c = 0; c < sizeof cases / sizeof cases[0]; c++) {
+    char zcfg[512], fcfg[512];
+    snprintf(zcfg, sizeof zcfg, "{\"zero_optimization\": {%s}, \"strategy\": {\"name\": \"zero3_offload\", "
+             "\"report_steps\": 2}}", cases[c].zero);
+    snprintf(fcfg, sizeof fcfg, "{\"zero_optimization\": {%s}}", cases[c].fsdp_zero);
+    mem_store fstate, zstate;
+    store_init(&fstate, false);
+    store_init(&zstate, false);
+    run_spec ref = {.strategy = "fsdp", .world = cases[c].world, .first_step = 1, .n_steps = 5, .gas = 2,
+                    .max_norm = 0.5, .lr = 1e-2, .recompute = cases[c].recompute, .sgd = cases[c].sgd,
+                    .pdt = cases[c].pdt, .order = cases[c].order, .config = fcfg, .load = &init, .save = &fstate};
+    run_spec spec = ref;
+    spec.strategy = "zero3_offload";
+    spec.config = zcfg;
+    spec.save = &zstate;
+    spec.capture_log = true;
+    if (run(&ref, fsdp_outs) && run(&spec, outs)) {
+      bool bf16 = cases[c].pdt == ST_BF16;
+      double worst = compare_tol(cases[c].label, &spec, outs, as_reference(fsdp_outs, spec.world, spec.n_steps),
+                                 bf16 ? &bf16_windows : &FP32_TOL);
+      double state = store_diff(&fstate, &zstate);
+      CHECK_MSG(state >= 0 && state <= (bf16 ? 1e-7 : 2e-5), "%s: master/optimizer state differs from fsdp's by %g",
+                cases[c].label, state);
+      check_complete(&zstate, cases[c].sgd ? 1 : 2, cases[c].label);
+      fprintf(stderr, "%-44s vs fsdp: worst parameter %.3g, state %.3g\n", cases[c].label, worst, state);
+      for (int r = 0; r < spec.world; r++) {
+        CHECK(outs[r].open_requests == 0);
+        /* the optimizer state really is on the host, not on the device */
+        CHECK_MSG(outs[r].plan.device_bytes[3] == 0 && outs[r].plan.host_bytes[3] > 0, "%s rank %d: optimizer state "
+                  "device %llu host %llu", cases[c].label, r, (unsigned long long)outs[r].plan.device_bytes[3],
+                  (unsigned long long)outs[r].plan.host_bytes[3]);
+      }
+      /* the time breakdown: every 2 steps and for the whole run, from rank 0 only */
+      CHECK_MSG(find_line(outs[0].log, "steps 1-2 (2 step(s)), per step: gather") &&
+                    find_line(outs[0].log, "steps 3-4") && find_line(outs[0].log, "last steps (1 step(s))") &&
+                    find_line(outs[0].log, "whole run (5 step(s))") && find_line(outs[0].log, "CPU optimizer"),
+                "%s: time report missing:\n%s", cases[c].label, outs[0].log);
+      CHECK(!find_line(outs[1].log, "per step"));
+    }
+    store_free(&fstate);
+    store_free(&zstate);
+  }
+  store_free(&init);
+}
+
+/* checkpoints at global offsets: fsdp x4 -> zero3_offload x2 and zero3_offload x2 -> fsdp x4 load
+ * bit-identically (load + save with no step in between) and resume like an uninterrupted local run */
+static void test_offload_resharding(void) {
+  mem_store init, f4, z2, z2back, f4back;
+  store_init(&init, true);
+  store_init(&f4, false);
+  store_init(&z2, false);
+  store_init(&z2back, false);
+  store_init(&f4back, false);
+  const char *zcfg = "{\"zero_optimization\": {\"stage\": 3, \"sub_group_size\": 6, \"offload_param\": "
+                     "{\"device\": \"cpu\"}, \"stage3_param_persistence_threshold\": 5}, \"strategy\": "
+                     "{\"name\": \"zero3_offload\"}}";
+  run_spec base = {.first_step = 1, .n_steps = 3, .gas = 2, .max_norm = 0.5, .lr = 1e-2, .load = &init};
+  run_spec straight = base;
+  straight.strategy = "local";
+  straight.world = 1;
+  straight.n_steps = 5;
+  rank_out local5;
+  if (!run(&straight, &ref_out)) goto out;
+  local5 = ref_out;
+  rank_out tail = local5;
+  for (int t = 0; t < 2; t++) {
+    tail.loss[t] = local5.loss[3 + t];
+    tail.norm[t] = local5.norm[3 + t];
+  }
+  run_spec a = base;
+  a.strategy = "fsdp";
+  a.world = 4;
+  a.save = &f4;
+  run_spec b = base;
+  b.strategy = "zero3_offload";
+  b.world = 2;
+  b.config = zcfg;
+  b.save = &z2;
+  if (!run(&a, outs) || !run(&b, outs)) goto out;
+  check_complete(&z2, 2, "zero3_offload x2 checkpoint");
+  CHECK_MSG(store_diff(&f4, &z2) >= 0 && store_diff(&f4, &z2) < 2e-5, "fsdp x4 vs zero3_offload x2 state after 3 "
+            "steps: %g", store_diff(&f4, &z2));
+  f4.from_init = z2.from_init = true; /* frozen parameters come from the model's init */
+  /* load and save again with no step in between: bit-identical, both directions */
+  run_spec c = b;
+  c.n_steps = 0;
+  c.load = &f4;
+  c.save = &z2back;
+  if (run(&c, outs))
+    CHECK_MSG(store_diff(&f4, &z2back) == 0, "fsdp x4 -> zero3_offload x2: state differs by %g", store_diff(&f4, &z2back));
+  run_spec d = a;
+  d.n_steps = 0;
+  d.load = &z2;
+  d.save = &f4back;
+  if (run(&d, outs))
+    CHECK_MSG(store_diff(&z2, &f4back) == 0, "zero3_offload x2 -> fsdp x4: state differs by %g", store_diff(&z2, &f4back));
+  /* resume for 2 steps on the other strategy: the uninterrupted local run's steps 4-5 */
+  run_spec e = b;
+  e.first_step = 4;
+  e.n_steps = 2;
+  e.load = &f4;
+  e.save = NULL;
+  if (run(&e, outs)) compare("resume fsdp x4 -> zero3_offload x2", &e, outs, &tail);
+  run_spec f = a;
+  f.first_step = 4;
+  f.n_steps = 2;
+  f.load = &z2;
+  f.save = NULL;
+  if (run(&f, outs)) compare("resume zero3_offload x2 -> fsdp x4", &f, outs, &tail);
+out:
+  store_free(&init);
+  store_free(&f4);
+  store_free(&z2);
+  store_free(&z2back);
+  store_free(&f4back);
+}
+
+/* the DeepSpeed example config (configs/deepspeed/ds_z3_cpuoffload.json) runs unchanged: its "auto"
+ * values resolved as the trainer does (persistence threshold 10 h = 80 keeps every parameter but
+ * block.1.weight whole), the same losses and parameters as fsdp with offload set to "none" */
+static void test_offload_ds_config(void) {
+  const char *root = getenv("ST_SOURCE_ROOT");
+  char path[1024];
+  snprintf(path, sizeof path, "%s/configs/deepspeed/ds_z3_cpuoffload.json", root ? root : ".");
+  FILE *f = fopen(path, "rb");
+  CHECK_MSG(f != NULL, "cannot open %s", path);
+  if (!f) return;
+  static char text[8192], none[8192];
+  size_t n = fread(text, 1, sizeof text - 1, f);
+  fclose(f);
+  text[n] = 0;
+  CHECK(strstr(text, "\"offload_param\"") && strstr(text, "\"offload_optimizer\"") && strstr(text, "\"auto\""));
+  /* fsdp's reference: the same file with both devices "none" */
+  const char *dev = "\"device\": \"cpu\"";
+  size_t o = 0;
+  int replaced = 0;
+  for (const char *p = text; *p && o < sizeof none - 16;) {
+    if (!strncmp(p, dev, strlen(dev))) {
+      o += (size_t)snprintf(none + o, sizeof none - o, "\"device\": \"none\"");
+      p += strlen(dev);
+      replaced++;
+    } else {
+      none[o++] = *p++;
+    }
+  }
+  none[o] = 0;
+  CHECK(replaced == 2);
+  /* fsdp refuses the file as it is, naming the strategy to use */
+  st_config *cfg = NULL;
+  st_error err;
+  st_error_clear(&err);
+  st_cfg *scfg = NULL;
+  st_result r = st_config_load_string(text, "ds", &cfg, &err);
+  if (r == ST_OK) r = st_config_api()->get_object(st_config_root(cfg), "strategy", true, &scfg, &err);
+  if (r == ST_OK) r = strategy("fsdp")->validate(scfg, st_config_api(), &err);
+  CHECK(r == ST_ERR_CONFIG);
+  CHECK_CONTAINS(err.message, "zero3_offload");
+  st_config_free(cfg);
+
+  mem_store init;
+  store_init(&init, true);
+  run_spec ref = {.strategy = "fsdp", .world = 2, .first_step = 1, .n_steps = 5, .gas = 2, .max_norm = 0.5,
+                  .lr = 1e-2, .load = &init, .config = none, .resolve = true};
+  run_spec spec = ref;
+  spec.strategy = "zero3_offload";
+  spec.config = text;
+  spec.capture_log = true;
+  if (run(&ref, fsdp_outs) && run(&spec, outs)) {
+    compare_tol("ds_z3_cpuoffload.json: zero3_offload x2 vs fsdp", &spec, outs, as_reference(fsdp_outs, 2, 5),
+                &FP32_TOL);
+    /* both offloads on, and the persistent groups ("auto" = 80 elements) on the device */
+    CHECK_MSG(find_line(outs[0].log, "7 parameter(s) of <= 80 elements kept whole"), "log:\n%s", outs[0].log);
+    CHECK(outs[0].plan.host_bytes[0] > 0 && outs[0].plan.host_bytes[3] > 0 && outs[0].plan.device_bytes[3] == 0);
+    CHECK_MSG(find_line(outs[0].log, "whole run (5 step(s))"), "log:\n%s", outs[0].log);
+  }
+  store_free(&init);
+}
+
+/* configuration: DeepSpeed's zero_optimization vocabulary for offload; NVMe-only settings and
+ * what is not implemented are errors that name the key */
+static void test_offload_config(void) {
+  struct {
+    const char *json, *expect, *expect2; /* expect NULL: accepted */
+  } cases[] = {
+      {"{\"zero_optimization\": {\"stage\": 3, \"offload_optimizer\": {\"device\": \"cpu\", \"pin_memory\": true, "
+       "\"fast_init\": false, \"cpuadam_cores_perc\": 0.8, \"ratio\": 1.0}, \"offload_param\": {\"device\": \"cpu\", "
+       "\"pin_memory\": true, \"buffer_count\": 5, \"buffer_size\": 100000000, \"max_in_cpu\": 1000000000}, "
+       "\"overlap_comm\": true, \"contiguous_gradients\": true, \"sub_group_size\": 1e9, \"reduce_bucket_size\": 500, "
+       "\"stage3_prefetch_bucket_size\": 400, \"stage3_param_persistence_threshold\": 100, "
+       "\"stage3_max_live_parameters\": 1e9, \"stage3_max_reuse_distance\": 1e9, "
+       "\"stage3_gather_16bit_weights_on_model_save\": true, \"round_robin_gradients\": true}}", NULL, NULL},
+      {"{\"strategy\": {\"name\": \"zero3_offload\", \"cpu_offload\": {\"offload_params\": true}, "
+       "\"sub_group_size\": 100, \"report_steps\": 0}}", NULL, NULL},
+      {"{\"zero_optimization\": {\"stage\": 3, \"cpu_offload\": true}}", NULL, NULL},
+      {"{\"zero_optimization\": {\"stage\": 3, \"offload_optimizer\": {\"device\": \"none\"}, \"offload_param\": "
+       "{\"device\": \"none\"}}}", NULL, NULL},
+      {"{\"zero_optimization\": {\"stage\": 3, \"offload_optimizer\": {\"device\": \"nvme\", \"nvme_path\": "
+       "\"/local_nvme\"}}}", "zero_optimization.offload_optimizer.device", "not supported yet"},
+      {"{\"zero_optimization\": {\"stage\": 3, \"offload_param\": {\"device\": \"nvme\"}}}",
+       "zero_optimization.offload_param.device", "not supported yet"},
+      {"{\"zero_optimization\": {\"stage\": 3}, \"aio\": {\"block_size\": 1048576, \"queue_depth\": 8}}", "aio",
+       "not supported yet"},
+      {"{\"zero_optimization\": {\"stage\": 2, \"offload_optimizer\": {\"device\": \"cpu\"}}}", "zero_optimization.stage",
+       "stage 3 only"},
+      {"{\"strategy\": {\"name\": \"zero3_offload\", \"sharding_strategy\": \"SHARD_GRAD_OP\"}}", "FULL_SHARD",
+       "not supported yet"},
+      {"{\"zero_optimization\": {\"stage\": 3, \"offload_optimizer\": {\"device\": \"none\"}, \"offload_param\": "
+       "{\"device\": \"cpu\"}}}", "zero_optimization.offload_param", "offload_optimizer.device"},
+      {"{\"zero_optimization\": {\"stage\": 3, \"offload_optimizer\": {\"device\": \"cpu\", \"ratio\": 0.3}}}",
+       "zero_optimization.offload_optimizer.ratio", "partial offload"},
+      {"{\"zero_optimization\": {\"stage\": 3, \"offload_optimizer\": {\"device\": \"cpu\", \"super_offload\": true}}}",
+       "super_offload", "not supported yet"},
+      {"{\"zero_optimization\": {\"stage\": 3, \"sub_group_size\": 0}}", "zero_optimization.sub_group_size", ">= 1"},
+      {"{\"strategy\": {\"name\": \"zero3_offload\", \"report_steps\": -1}}", "report_steps", "0: report"},
+      {"{\"strategy\": {\"name\": \"zero3_offload\", \"sub_grup_size\": 10}}", "sub_grup_size", NULL},
+      {"{\"zero_optimization\": {\"stage\": 3, \"zero_quantized_weights\": true}}", "zero_quantized_weights",
+       "zero3_offload"},
+  };
+  for (size_t i = 0; i < sizeof cases / sizeof cases[0]; i++) {
+    st_config *cfg = NULL;
+    st_error err;
+    st_error_clear(&err);
+    st_result r = st_config_load_string(cases[i].json, "test", &cfg, &err);
+    st_cfg *scfg = NULL;
+    if (r == ST_OK) r = st_config_api()->get_object(st_config_root(cfg), "strategy", true, &scfg, &err);
+    if (r == ST_OK) r = strategy("zero3_offload")->validate(scfg, st_config_api(), &err);
+    if (!cases[i].expect) {
+      CHECK_MSG(r == ST_OK, "offload case %zu rejected: %s: %s", i, err.where, err.message);
+    } else {
+      CHECK_MSG(r == ST_ERR_CONFIG, "offload case %zu: expected a config error naming %s, got %d", i, cases[i].expect,
+                (int)r);
+      char both[ST_ERROR_WHERE_MAX + ST_ERROR_MESSAGE_MAX + 4];
+      snprintf(both, sizeof both, "%s: %s", err.where, err.message);
+      const char *text = both;
+      CHECK_CONTAINS(text, cases[i].expect);
+      if (cases[i].expect2) CHECK_CONTAINS(text, cases[i].expect2);
+    }
+    st_config_free(cfg);
+  }
+}
+
+/* memory plan: optimizer state and masters on the host (ZeRO-Offload's 4 + 8 bytes per trainable
+ * element / N, here with an fp32 host copy as the master), nothing of it on the device; with
+ * offload_param the parameter shards too; the measured peak (host and device are one memory here)
+ * within the plan's total + 10% */
+static void test_offload_memory_plan(void) {
+  mem_store init;
+  store_init(&init, true);
+  int64_t trainable = 0, all = 0;
+  for (int u = 0; u < N_UNITS; u++)
+    for (int k = 0; k < units[u].n_params; k++) {
+      all += numel(&units[u].params[k]);
+      if (units[u].params[k].flags & T) trainable += numel(&units[u].params[k]);
+    }
+  for (int param = 0; param < 2; param++) {
+    int world = 2;
+    run_spec spec = {.strategy = "zero3_offload", .world = world, .first_step = 1, .n_steps = 1, .gas = 1, .lr = 1e-2,
+                     .load = &init,
+                     .config = param ? "{\"zero_optimization\": {\"offload_param\": {\"device\": \"cpu\"}, "
+                                       "\"sub_group_size\": 16}}"
+                                     : "{\"zero_optimization\": {\"sub_group_size\": 16}}"};
+    if (!run(&spec, outs)) continue;
+    double slack = 2.0 * N_UNITS * (16.0 * world * 4 + 64);
+    for (int r = 0; r < world; r++) {
+      const st_memory_plan *p = &outs[r].plan;
+      CHECK(p->device_bytes[2] == 0 && p->device_bytes[3] == 0);
+      CHECK(p->host_bytes[3] >= 8.0 * trainable / world && p->host_bytes[3] <= 8.0 * trainable / world + 2 * slack);
+      if (param) /* fp32 windows on the host are the optimizer's master: no copy */
+        CHECK(p->host_bytes[2] == 0);
+      else /* the host copy of the device shard that the CPU optimizer updates */
+        CHECK(p->host_bytes[2] >= 4.0 * trainable / world && p->host_bytes[2] <= 4.0 * trainable / world + slack);
+      CHECK(p->host_bytes[1] <= 2 * (16 * 4 + 64) + 128); /* two gradient tiles of sub_group_size */
+      if (param) {
+        CHECK(p->device_bytes[0] == 0);
+        CHECK(p->host_bytes[0] >= 4.0 * all / world && p->host_bytes[0] <= 4.0 * all / world + slack);
+      } else {
+        CHECK(p->host_bytes[0] == 0);
+        CHECK(p->device_bytes[0] >= 4.0 * all / world && p->device_bytes[0] <= 4.0 * all / world + slack);
+      }
+      uint64_t total = 0;
+      for (int i = 0; i < ST_MEMORY_CATEGORIES; i++) total += p->device_bytes[i] + p->host_bytes[i];
+      CHECK_MSG((double)outs[r].peak_bytes <= 1.1 * (double)total + 4096, "offload_param %d rank %d: measured peak %llu "
+                "> plan %llu + 10%%", param, r, (unsigned long long)outs[r].peak_bytes, (unsigned long long)total);
+    }
+  }
+  store_free(&init);
+}
+
 /* ---- the same runs over a real backend: N forked processes, Gloo on loopback ---- */
 
 static int gloo_rank(const run_spec *spec, int rank, int port, rank_out *out) {
@@ -1033,6 +1404,10 @@ static int gloo_main(void) {
       {"fsdp", 3, "{\"zero_optimization\": {\"stage\": 2}}", false, "gloo: fsdp 3 ranks SHARD_GRAD_OP"},
       {"fsdp", 4, "{\"zero_optimization\": {\"stage\": 3, \"stage3_param_persistence_threshold\": 12}}", true,
        "gloo: fsdp 4 ranks, persistence 12"},
+      {"zero3_offload", 2, NULL, false, "gloo: zero3_offload 2 ranks"},
+      {"zero3_offload", 3, "{\"zero_optimization\": {\"stage\": 3, \"sub_group_size\": 7, \"offload_param\": "
+       "{\"device\": \"cpu\"}, \"stage3_param_persistence_threshold\": 12}}", true,
+       "gloo: zero3_offload 3 ranks, param, tile 7"},
   };
   mem_store init;
   store_init(&init, true);
@@ -1050,7 +1425,7 @@ static int gloo_main(void) {
   gloo_kill("ddp", shared);
   gloo_kill("fsdp", shared);
   munmap(shared, sizeof(rank_out) * 8);
-  for (int i = 0; i < 2; i++) st_plugin_unload(&plugins[i]);
+  for (int i = 0; i < N_PLUGINS; i++) st_plugin_unload(&plugins[i]);
   return st_test_finish("test_strategies gloo");
 }
 
@@ -1099,10 +1474,10 @@ static int bench_main(int work) {
   printf("benchmark: %d units x %lld parameters (%.1f MB fp32), %d FMAs per element in backward, AdamW, "
          "median of steps 2-%d, rank 0\n", BENCH_UNITS, (long long)(total / BENCH_UNITS), 4.0 * total / 1e6, work,
          steps);
-  printf("%-34s %10s %14s %14s\n", "run", "step ms", "plan MiB", "peak MiB");
+  printf("%-38s %10s %14s %14s %14s\n", "run", "step ms", "plan MiB", "+ host MiB", "peak MiB");
   if (run(&local, &ref_out))
-    printf("%-34s %10.1f %14.2f %14.2f\n", "local, 1 rank", 1e3 * median_step(&ref_out, steps),
-           ref_out.plan_bytes / 1048576.0, ref_out.peak_bytes / 1048576.0);
+    printf("%-38s %10.1f %14.2f %14.2f %14.2f\n", "local, 1 rank", 1e3 * median_step(&ref_out, steps),
+           ref_out.plan_bytes / 1048576.0, 0.0, ref_out.peak_bytes / 1048576.0);
   struct {
     const char *strategy, *config, *label;
   } cases[] = {
@@ -1111,20 +1486,28 @@ static int bench_main(int work) {
        "ddp, 2 ranks, sequential"},
       {"fsdp", NULL, "fsdp, 2 ranks, overlap + prefetch"},
       {"fsdp", "{\"strategy\": {\"name\": \"fsdp\", \"overlap_comm\": false}}", "fsdp, 2 ranks, sequential"},
+      {"zero3_offload", NULL, "zero3_offload, 2 ranks (optimizer)"},
+      {"zero3_offload", "{\"zero_optimization\": {\"offload_param\": {\"device\": \"cpu\"}}}",
+       "zero3_offload, 2 ranks, + offload_param"},
+      {"zero3_offload", "{\"zero_optimization\": {\"sub_group_size\": 65536, \"offload_param\": "
+       "{\"device\": \"cpu\"}}}", "zero3_offload, 2 ranks, param, tile 64K"},
   };
   for (size_t c = 0; c < sizeof cases / sizeof cases[0]; c++) {
     run_spec spec = local;
     spec.strategy = cases[c].strategy;
     spec.world = 2;
     spec.config = cases[c].config;
-    if (run_gloo(&spec, shared))
-      printf("%-34s %10.1f %14.2f %14.2f\n", cases[c].label, 1e3 * median_step(&shared[0], steps),
-             shared[0].plan_bytes / 1048576.0, shared[0].peak_bytes / 1048576.0);
+    if (run_gloo(&spec, shared)) {
+      uint64_t host_plan = 0;
+      for (int i = 0; i < ST_MEMORY_CATEGORIES; i++) host_plan += shared[0].plan.host_bytes[i];
+      printf("%-38s %10.1f %14.2f %14.2f %14.2f\n", cases[c].label, 1e3 * median_step(&shared[0], steps),
+             shared[0].plan_bytes / 1048576.0, host_plan / 1048576.0, shared[0].peak_bytes / 1048576.0);
+    }
     fflush(stdout);
   }
   store_free(&init);
   munmap(shared, sizeof(rank_out) * 8);
-  for (int i = 0; i < 2; i++) st_plugin_unload(&plugins[i]);
+  for (int i = 0; i < N_PLUGINS; i++) st_plugin_unload(&plugins[i]);
   return 0;
 }
 
@@ -1138,6 +1521,11 @@ int main(int argc, char **argv) {
   test_resharding();
   test_memory_plan();
   test_missing_state();
-  for (int i = 0; i < 2; i++) st_plugin_unload(&plugins[i]);
+  test_offload_config();
+  test_offload_equivalence();
+  test_offload_resharding();
+  test_offload_ds_config();
+  test_offload_memory_plan();
+  for (int i = 0; i < N_PLUGINS; i++) st_plugin_unload(&plugins[i]);
   return st_test_finish("test_strategies");
 }

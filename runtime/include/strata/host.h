@@ -98,7 +98,8 @@ typedef struct st_host {
 
   /* memory on `dev` (CPU or the compute device); category names a line of the memory report
    * ("params", "grads", "optim", "activations", "workspace", "comm"). Returns NULL on failure.
-   * pinned asks for page-locked host memory (falls back to pageable, logged once). */
+   * pinned asks for page-locked host memory (falls back to pageable, logged once); free it with
+   * free(h, CPU device, ptr) like any host allocation. */
   void *(*alloc)(const struct st_host *h, st_device dev, size_t bytes, const char *category);
   void *(*alloc_pinned)(const struct st_host *h, size_t bytes, const char *category);
   void (*free)(const struct st_host *h, st_device dev, void *ptr);
