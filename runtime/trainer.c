@@ -782,9 +782,13 @@ static st_result run_validation(trainer *t, st_loss *out, st_error *err) {
     }
     if (r == ST_OK && t->dump) { /* the model's raw output and the loss, keyed by the sample */
       /* the sample's file name without folder and extension ("sample-000003") */
-      const char *id = batch.samples[0].id ? batch.samples[0].id : "sample", *slash = strrchr(id, '/');
-      if (slash) id = slash + 1;
+      const char *id = batch.samples[0].id ? batch.samples[0].id : "sample";
+      const char *end = strstr(id, " ("); /* ids from a metadata file end in " (<metadata> line N)" */
+      if (!end) end = id + strlen(id);
+      for (const char *q = id; q < end; q++)
+        if (*q == '/') id = q + 1;
       int id_len = (int)strcspn(id, ".");
+      if (id + id_len > end) id_len = (int)(end - id);
       char name[600];
       for (int i = 0; i < t->layouts[U].n && r == ST_OK; i++) {
         const st_tensor *o = &carry_at(t, U)[i];

@@ -80,14 +80,17 @@ def case_dump(tmp):
         write_st(os.path.join(data, "sample-%06d.safetensors" % i), {
             "latents": fx["in.latents"][i], "noise": fx["in.noise"][i], "prompt_emb": fx["in.prompt_emb"][i],
             "prompt_mask": fx["in.prompt_mask"][i], "sigma": fx["in.sigma"][i:i + 1]})
+    meta = os.path.join(data, "metadata.jsonl")  # read through a metadata file: the dump still names samples
+    with open(meta, "w") as f:
+        f.write("".join(json.dumps({"file": "sample-%06d.safetensors" % i}) + "\n" for i in range(2)))
     weights = os.path.join(tmp, "weights.safetensors")
     write_st(weights, {k[6:]: v for k, v in fx.items() if k.startswith("param.")})
-    meta = json.loads(read_header_meta(FIXTURE)["config"].replace("'", '"').replace("(", "[").replace(")", "]"))
-    overrides = {k: v for k, v in meta.items()}
+    overrides = json.loads(read_header_meta(FIXTURE)["config"].replace("'", '"').replace("(", "[").replace(")", "]"))
     dump = os.path.join(tmp, "dump.safetensors")
     rc, out, err = run(["--weights", weights, "--dump", dump] + sets(
         "model.dtype=fp64", "model.overrides=" + json.dumps(overrides),
-        "data.validation=" + json.dumps({"dataset_base_path": data}), "train.output_path=" + os.path.join(tmp, "o")),
+        "data.validation=" + json.dumps({"dataset_base_path": data, "dataset_metadata_path": meta}),
+        "train.output_path=" + os.path.join(tmp, "o")),
         cmd="eval")
     check(rc == 0, "eval failed:\n" + err)
     if rc:
