@@ -79,7 +79,7 @@ typedef struct ckpt_writer {
   shard *model_shards;
   int n_model_shards;
   json_t *weight_map; /* name -> shard index (as integer), for the index json */
-  int n_full_params;  /* parameters rank 0 received whole */
+  int n_full_params;  /* trainable parameters rank 0 received whole */
   st_safetensors_writer *rank_file;
   uint64_t total_model_bytes;
 } ckpt_writer;
@@ -111,7 +111,7 @@ static st_result ckpt_write(st_state_writer *sw, const st_param_desc *param, st_
     cur->bytes += bytes;
     w->total_model_bytes += bytes;
     json_object_set_new(w->weight_map, param->name, json_integer(w->n_model_shards - 1));
-    w->n_full_params++;
+    if (param->flags & ST_PARAM_TRAINABLE) w->n_full_params++;
     return ST_OK;
   }
   char name[1024], key[1100], shape_json[256];

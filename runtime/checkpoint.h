@@ -40,8 +40,8 @@ typedef struct st_ckpt_options {
   bool monitor_max;        /*   higher is better */
   uint64_t max_shard_bytes;/* model weight shard size (0 = 4 GiB) */
   unsigned slow_write_ms;  /* test hook: sleep between files (kill-during-save test) */
-  /* parameter tensors of the model: model*.safetensors is written only when rank 0 holds every one
-   * in full (a replicated strategy); a sharded one leaves slices for `strata export` to stitch */
+  /* trainable parameter tensors of the model: model*.safetensors is written only when rank 0 holds
+   * every one in full (a replicated strategy); a sharded one leaves slices for `strata export` */
   int n_param_tensors;
   /* a barrier over every rank (NULL for one process): saving is a collective */
   st_result (*barrier)(void *user, st_error *err);

@@ -428,9 +428,10 @@ static st_result load_state(trainer *t, st_error *err) {
   return r;
 }
 
-static int count_params(const st_model_desc *d) {
+static int count_trainable(const st_model_desc *d) {
   int n = 0;
-  for (int u = 0; u < d->n_units; u++) n += d->units[u].n_params;
+  for (int u = 0; u < d->n_units; u++)
+    for (int i = 0; i < d->units[u].n_params; i++) n += (d->units[u].params[i].flags & ST_PARAM_TRAINABLE) != 0;
   return n;
 }
 
@@ -443,7 +444,7 @@ static st_result save_checkpoint(trainer *t, st_error *err) {
   st_ckpt_options co = {.output_path = t->s.output_path, .rank = t->rank, .world_size = t->world_size,
                         .keep_last = t->s.keep_last, .slow_write_ms = t->opt.ckpt_slow_write_ms,
                         .save_top_k = t->s.save_top_k, .monitor_max = t->s.monitor_max,
-                        .barrier = world_barrier, .barrier_user = t, .n_param_tensors = count_params(t->desc)};
+                        .barrier = world_barrier, .barrier_user = t, .n_param_tensors = count_trainable(t->desc)};
   char *config_json = st_config_to_json(t->cfg);
   st_result r = STRATEGY_CALL(t, "state_save", st_ckpt_save(&co, t->strategy, t->sctx, &t->ts, config_json, err));
   free(config_json);

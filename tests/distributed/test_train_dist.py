@@ -114,6 +114,11 @@ def case_equivalence(tmp):
         out = os.path.join(tmp, "%s%d" % (strategy, ranks))
         train(out, ranks, strategy, steps)
         what = "%s x%d vs local x1" % (strategy, ranks)
+        step = os.path.join(out, "step-%06d" % steps)
+        files = os.listdir(step) if os.path.isdir(step) else []
+        # replicas write a loadable model file; shards leave slices (and rank 0's whole tensors) for export
+        want = "model.safetensors" if strategy == "ddp" else "model-partial-rank00000-00001.safetensors"
+        check(want in files and (strategy == "ddp") == ("model.safetensors" in files), "%s: files %s" % (what, files))
         wl = compare_losses(losses(out), lref, range(1, steps + 1), what)
         wp = compare_params(final_params(out, tmp), pref, what)
         print("%s: loss %.2g, params %.2g relative" % (what, wl, wp))

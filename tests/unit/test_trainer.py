@@ -45,6 +45,12 @@ def case_resume(tmp):
     a = os.path.join(tmp, "a")
     rc, log = run(sets(a, 20, 10))
     check(rc == 0, "uninterrupted run failed:\n" + log)
+    check(os.path.exists(os.path.join(a, "step-000020", "model.safetensors")), "no model.safetensors in a local run")
+    # a LoRA run saves only the adapters, whole: still a loadable model file
+    lora = os.path.join(tmp, "lora")
+    rc, log = run(sets(lora, 2, 2, ["model.lora={\"rank\": 4, \"alpha\": 8}"]))
+    check(rc == 0 and os.path.exists(os.path.join(lora, "step-000002", "model.safetensors")),
+          "LoRA checkpoint without model.safetensors (rc %d):\n%s" % (rc, log))
     # the same run resumed from its step-10 checkpoint must repeat steps 11..20 bit for bit
     b = os.path.join(tmp, "b")
     shutil.copytree(a, b)
