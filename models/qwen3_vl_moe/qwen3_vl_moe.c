@@ -24,6 +24,8 @@
 
 #include <strata/model.h>
 
+#include "model_util.h"
+
 #define QM_MAX_PARAMS 16
 
 /* ---- configuration -------------------------------------------------------------------------- */
@@ -463,18 +465,6 @@ static st_result qm_init(const st_host *host, st_cfg *cfg, void **ctx, st_error 
 
 static const st_model_desc *qm_describe(void *ctx) { return &((qm_model *)ctx)->desc; }
 
-static void store_const(st_dtype dt, void *dst, int64_t n, double v) {
-  for (int64_t i = 0; i < n; i++) {
-    switch (dt) {
-    case ST_F64: ((double *)dst)[i] = v; break;
-    case ST_F32: ((float *)dst)[i] = (float)v; break;
-    case ST_BF16: ((uint16_t *)dst)[i] = st_f32_to_bf16((float)v); break;
-    case ST_F16: ((uint16_t *)dst)[i] = st_f32_to_f16((float)v); break;
-    default: break;
-    }
-  }
-}
-
 /* transformers' _init_weights: every linear, the router, the experts and the embeddings
  * N(0, initializer_range = 0.02); norm gains 1; biases 0 */
 static st_result qm_init_param(void *ctx, uint64_t seed, int unit, int param, int64_t offset, int64_t count,
@@ -542,31 +532,6 @@ typedef struct qm_batch {
   void *negones;      /* device [Nm] dt: -1 */
   int32_t *vseg_h;    /* host copy of vseg (FLOP count) */
 } qm_batch;
-
-static const st_tensor *find_tensor(const st_sample *s, const char *name) {
-  for (int i = 0; i < s->n_tensors; i++)
-    if (!strcmp(s->names[i], name)) return &s->tensors[i];
-  return NULL;
-}
-
-static double load_elem(const st_tensor *t, int64_t i) {
-  const void *p = t->data;
-  switch (t->dtype) {
-  case ST_F32: return ((const float *)p)[i];
-  case ST_F64: return ((const double *)p)[i];
-  case ST_BF16: return st_bf16_to_f32(((const uint16_t *)p)[i]);
-  case ST_F16: return st_f16_to_f32(((const uint16_t *)p)[i]);
-  case ST_I32: return ((const int32_t *)p)[i];
-  case ST_I64: return (double)((const int64_t *)p)[i];
-  case ST_U8: return ((const uint8_t *)p)[i];
-  default: return 0.0;
-  }
-}
-
-static void store_elem(st_dtype dt, void *p, int64_t i, double v) {
-  if (dt == ST_F64) ((double *)p)[i] = v;
-  else ((float *)p)[i] = (float)v;
-}
 
 static int64_t seq_len_of(const st_tensor *t) {
   if (t->ndim == 1) return t->shape[0];
@@ -964,17 +929,6 @@ static st_result qm_carry_layout(void *ctx, void *vb, int boundary, st_carry_lay
 }
 
 /* ---- memory layouts ------------------------------------------------------------------------- */
-
-typedef struct bump {
-  char *base; /* NULL: only measure */
-  size_t off;
-} bump;
-
-static void *take(bump *bp, size_t bytes) {
-  void *p = bp->base ? bp->base + bp->off : NULL;
-  bp->off += (bytes + 63) & ~(size_t)63;
-  return p;
-}
 
 typedef struct lay_saved {
   void *rstd1, *xn1, *qraw, *kraw, *q, *k, *v, *rq, *rk, *o, *lse, *h1, *rstd2, *xn2, *p, *wsel, *wsorted;

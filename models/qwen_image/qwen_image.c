@@ -15,6 +15,8 @@
 
 #include <strata/model.h>
 
+#include "model_util.h"
+
 #define QI_T_DIM 256       /* sinusoidal timestep features (Timesteps(num_channels=256)) */
 #define QI_EPS 1e-6        /* every LayerNorm and RMSNorm of the model */
 #define QI_MAX_TARGETS 64
@@ -405,18 +407,6 @@ static st_result qi_init(const st_host *host, st_cfg *cfg, void **ctx, st_error 
 
 static const st_model_desc *qi_describe(void *ctx) { return &((qi_model *)ctx)->desc; }
 
-static void store_const(st_dtype dt, void *dst, int64_t n, double v) {
-  for (int64_t i = 0; i < n; i++) {
-    switch (dt) {
-    case ST_F64: ((double *)dst)[i] = v; break;
-    case ST_F32: ((float *)dst)[i] = (float)v; break;
-    case ST_BF16: ((uint16_t *)dst)[i] = st_f32_to_bf16((float)v); break;
-    case ST_F16: ((uint16_t *)dst)[i] = st_f32_to_f16((float)v); break;
-    default: break;
-    }
-  }
-}
-
 /* Linear weights N(0, 0.02), biases 0, RMSNorm gains 1 (diffusers/DiffSynth-like); LoRA A as PEFT's
  * kaiming_uniform(a=sqrt(5)) = U(-1/sqrt(in), 1/sqrt(in)) (or N(0, 1/r) for "gaussian"), B = 0. */
 static st_result qi_init_param(void *ctx, uint64_t seed, int unit, int param, int64_t offset, int64_t count,
@@ -458,31 +448,6 @@ typedef struct qi_batch {
   void *weight;    /* [B] loss weights, NULL without weighting */
   double *sigma;   /* host [B], noising sigma (for metrics) */
 } qi_batch;
-
-static const st_tensor *find_tensor(const st_sample *s, const char *name) {
-  for (int i = 0; i < s->n_tensors; i++)
-    if (!strcmp(s->names[i], name)) return &s->tensors[i];
-  return NULL;
-}
-
-static double load_elem(const st_tensor *t, int64_t i) {
-  const void *p = t->data;
-  switch (t->dtype) {
-  case ST_F32: return ((const float *)p)[i];
-  case ST_F64: return ((const double *)p)[i];
-  case ST_BF16: return st_bf16_to_f32(((const uint16_t *)p)[i]);
-  case ST_F16: return st_f16_to_f32(((const uint16_t *)p)[i]);
-  case ST_I32: return ((const int32_t *)p)[i];
-  case ST_I64: return (double)((const int64_t *)p)[i];
-  case ST_U8: return ((const uint8_t *)p)[i];
-  default: return 0.0;
-  }
-}
-
-static void store_elem(st_dtype dt, void *p, int64_t i, double v) {
-  if (dt == ST_F64) ((double *)p)[i] = v;
-  else ((float *)p)[i] = (float)v;
-}
 
 /* The DiffSynth "Qwen-Image" training grid (reference §4.2-4.3), computed in double:
  * sigma_i = s u / (1 + (s-1) u), u = 1 - i/1000, s = e^0.8, then the terminal stretch that maps
@@ -768,17 +733,6 @@ static st_result qi_carry_layout(void *ctx, void *vb, int boundary, st_carry_lay
 }
 
 /* ---- memory layouts ------------------------------------------------------------------------- */
-
-typedef struct bump {
-  char *base; /* NULL: only measure */
-  size_t off;
-} bump;
-
-static void *take(bump *bp, size_t bytes) {
-  void *p = bp->base ? bp->base + bp->off : NULL;
-  bp->off += (bytes + 63) & ~(size_t)63;
-  return p;
-}
 
 /* n rows per sample; sample i starts `stride` rows after sample i-1 (joint buffers hold the text
  * rows first, so a stream's rows are a strided slice of them) */
