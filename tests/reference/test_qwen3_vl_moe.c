@@ -9,7 +9,8 @@
  * compares per tensor; checks that experts without tokens get exactly zero gradient; checks
  * gradients against central finite differences in float64; and checks the 30B-A3B preset's
  * parameter count, config and batch errors, init determinism and synthetic samples, and LoRA
- * (frozen base, adapter finite differences, merged and PEFT exports).
+ * (frozen base, adapter finite differences, merged and PEFT exports). It also replays the fixture's
+ * 3 torch AdamW steps through the host's optimizer (losses at each step, parameters after step 3).
  *
  * A second fixture runs the vision tower: two images of different grids in one sample, one in
  * another, an image and a 2-frame video in the third; merged image/video tokens, DeepStack
@@ -486,6 +487,107 @@ static void test_permuting_exchange(void) {
   }
   qrun_close(&r);
   HOST->set_moe(HOST, local);
+}
+
+/* Three AdamW steps through host->optim_update (the host's default optimizer is torch.optim.AdamW:
+ * lr 1e-3, betas (0.9, 0.999), eps 1e-8, weight decay 0.01 on every tensor, so .weight_decay is 1 here),
+ * float64, recomputing loss and gradients at each step's parameters, against the fixture's 3 torch
+ * AdamW steps on the same batch. Checked: the loss before each step, and after step 3 every
+ * language-model parameter's change (the fixture stores p3 - p0 in float32 for all but lm_head;
+ * lm_head still moves the step-2/3 losses). The vision tower gets no gradient and is not stepped.
+ * Tolerances: strata keeps the Adam moments in float32 (torch: float64), so each update carries
+ * ~1e-7 relative rounding: ~1e-10 absolute per step at lr 1e-3, plus the fixture's float32 rounding
+ * of changes <= 3e-3 (~2e-10). 1e-9 absolute on the parameters (~1e-9 relative to parameters of
+ * magnitude ~0.1-1); a dropped bias correction (error ~2e-3), decay term (~1e-5 p) or a wrong
+ * step count is far outside it. Losses: step 1 equals the forward test's (1e-12 relative); steps 2
+ * and 3 move by ~grad . dp ~ 1e-11 from the parameter differences: 1e-10 relative. */
+static void test_adamw_replay(void) {
+  st_error err_ = {0}, *err = &err_;
+  qrun r;
+  CHECK_OK(qrun_open(&r, tiny_json("fp64"), err), err);
+  if (!r.ctx) return;
+  CHECK(load_params(&r) == 0);
+  fbatch fb;
+  fbatch_make(&fb, false);
+  int U = r.d->n_units, NP = 0;
+  for (int u = 0; u < U; u++) NP = r.d->units[u].n_params > NP ? r.d->units[u].n_params : NP;
+  float **m1 = calloc((size_t)(U * NP), sizeof *m1), **m2 = calloc((size_t)(U * NP), sizeof *m2);
+  double **p0 = calloc((size_t)(U * NP), sizeof *p0);
+  for (int u = 0; u < U; u++)
+    for (int k = 0; k < r.d->units[u].n_params; k++) {
+      if (!r.G[u][k].data || is_visual(r.d->units[u].params[k].name)) continue;
+      int64_t n = st_tensor_numel(&r.P[u][k]);
+      m1[u * NP + k] = calloc((size_t)n, sizeof(float));
+      m2[u * NP + k] = calloc((size_t)n, sizeof(float));
+      p0[u * NP + k] = malloc((size_t)n * sizeof(double));
+      memcpy(p0[u * NP + k], r.P[u][k].data, (size_t)n * sizeof(double));
+    }
+  double loss_err[3] = {0};
+  int n_stepped = 0;
+  for (int s = 1; s <= 3; s++) {
+    zero_grads(&r);
+    st_loss lo;
+    CHECK_OK(step(&r, fb.samples, 2, true, &lo, NULL, NULL, 0, err), err);
+    char name[64];
+    snprintf(name, sizeof name, "step%d.loss", s);
+    double ref = fx_at(fx(name), 0);
+    loss_err[s - 1] = fabs(lo.loss - ref) / fabs(ref);
+    CHECK_MSG(loss_err[s - 1] <= (s == 1 ? 1e-12 : 1e-10), "AdamW replay: loss before step %d %.15g vs torch %.15g", s,
+              lo.loss, ref);
+    for (int u = 0; u < U; u++)
+      for (int k = 0; k < r.d->units[u].n_params; k++) {
+        if (!m1[u * NP + k]) continue;
+        st_optim_desc od = {.n = st_tensor_numel(&r.P[u][k]), .param = r.P[u][k].data, .param_dtype = ST_F64,
+                            .grad = r.G[u][k].data, .grad_dtype = ST_F64, .exp_avg = m1[u * NP + k],
+                            .exp_avg_sq = m2[u * NP + k], .lr = 1e-3, .weight_decay = 1.0, .step = s,
+                            .grad_scale = 1.0};
+        CHECK_OK(HOST->optim_update(HOST, CPU, &od, err), err);
+        n_stepped += s == 1;
+      }
+  }
+  CHECK(n_stepped == 1 + 2 * 11 + 2);
+  double worst = 0, worst_rel = 0, dmax = 0;
+  const char *worst_name = "";
+  int n_cmp = 0;
+  for (int u = 0; u < U; u++)
+    for (int k = 0; k < r.d->units[u].n_params; k++) {
+      const char *pn = r.d->units[u].params[k].name;
+      if (!m1[u * NP + k] || !strcmp(pn, "lm_head.weight")) continue;
+      char name[600];
+      snprintf(name, sizeof name, "step3.delta.%s", pn);
+      const st_st_entry *e = fx(name);
+      int64_t n = st_tensor_numel(&r.P[u][k]);
+      CHECK(numel(e->shape, e->ndim) == n);
+      double err_t = 0, ref_t = 0;
+      for (int64_t q = 0; q < n; q++) {
+        double d = ((const double *)r.P[u][k].data)[q] - p0[u * NP + k][q];
+        err_t = fmax(err_t, fabs(d - fx_at(e, q)));
+        ref_t = fmax(ref_t, fabs(fx_at(e, q)));
+      }
+      CHECK_MSG(err_t <= 1e-9, "AdamW replay: %s after 3 steps off by %.3g (largest change %.3g)", pn, err_t, ref_t);
+      CHECK_MSG(ref_t > 0, "AdamW replay: %s did not move in torch (decay alone should move it)", pn);
+      if (err_t > worst) {
+        worst = err_t;
+        worst_name = pn;
+      }
+      worst_rel = fmax(worst_rel, err_t / ref_t);
+      dmax = fmax(dmax, ref_t);
+      n_cmp++;
+    }
+  CHECK(n_cmp == 2 * 11 + 2);
+  fprintf(stderr, "AdamW replay: 3 steps, loss rel err %.3g / %.3g / %.3g; %d parameters after step 3: max |p - torch| "
+          "%.3g (%s), worst per-tensor |err| / max |change| %.3g (changes up to %.3g)\n", loss_err[0], loss_err[1],
+          loss_err[2], n_cmp, worst, worst_name, worst_rel, dmax);
+  for (int i = 0; i < U * NP; i++) {
+    free(m1[i]);
+    free(m2[i]);
+    free(p0[i]);
+  }
+  free(m1);
+  free(m2);
+  free(p0);
+  fbatch_free(&fb);
+  qrun_close(&r);
 }
 
 /* central differences in float64: (L(p + h) - L(p - h)) / 2h against the analytic gradient.
@@ -1111,6 +1213,7 @@ int main(int argc, char **argv) {
   test_vision_fixture("fp64", 1e-10, 1e-10);
   test_vision_fixture("fp32", 1e-5, 1e-4);
   test_permuting_exchange();
+  test_adamw_replay();
   test_lora();
   test_finite_differences();
   test_synth_and_batch_errors();

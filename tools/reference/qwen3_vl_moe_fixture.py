@@ -35,7 +35,17 @@ Output: tests/reference/qwen3_vl_moe_tiny.safetensors with
   out.logits [2,12,512] F64; out.loss, out.ce_loss, out.aux_loss [1] F64;
   out.router_topk.<l> [24,2] I32 (top-k expert ids per token row b*S+s, descending probability);
   out.router_weight.<l> [24,2] F64; param.<name> F32; grad.<name> F64 (language model and lm_head;
-  the vision tower gets no gradient and is not stored).
+  the vision tower gets no gradient and is not stored);
+  step<k>.loss [1] F64 (k = 1, 2, 3: the loss before step k) and step3.delta.<name> F32 (parameter
+  after 3 steps minus param.<name>, checkpoint layout) of 3 torch.optim.AdamW steps (lr 1e-3,
+  weight_decay 0.01, betas (0.9, 0.999), eps 1e-8, float64 model and state; forward/backward re-run
+  on the same batch before each step; a parameter without gradient gets a zero one, so AdamW only
+  decays it, as strata does). The deltas cover every language-model parameter but lm_head.weight
+  (kept out to stay near 3.5 MB; the step-2/3 losses depend on it). Storing the change, not the
+  parameter, keeps ~1e-10 absolute accuracy in float32 (changes are <= ~3e-3).
+  The transformers square-expert transpose hazard (models/qwen3_vl_moe/README.md: hidden 64 = 2 x
+  moe_intermediate 32) does not apply: parameters are copied into the modules in their v5 layout and
+  transposed here explicitly, never loaded through from_pretrained's conversion.
 
 Second file, tests/reference/qwen3_vl_moe_vision_tiny.safetensors (same model and language-model
 parameters as the first file, plus random vision-tower parameters; the tiny vision config of §6:
@@ -335,6 +345,33 @@ def vision_fixture(path, state, logits32):
     print(f"wrote {path} ({os.path.getsize(path)} bytes)")
 
 
+def adamw_steps(model, res, state, ids, labels, mask, pos):
+    """3 torch AdamW steps on the same batch; stores each step's loss (before the step) and the
+    step-3 change of every language-model parameter except lm_head (checkpoint layout, F32)."""
+    params = [(n, p) for n, p in model.named_parameters() if not n.startswith("model.visual.")]
+    opt = torch.optim.AdamW([p for _, p in params], lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.01)
+    for k in range(1, 4):
+        opt.zero_grad(set_to_none=True)  # fresh .grad tensors: res["grad.*"] may alias the old ones
+        _, loss, _ = run(model, ids, labels, mask, pos, own_loss=True)
+        loss.backward()
+        for _, p in params:
+            if p.grad is None:  # strata updates every trainable tensor (decay only when no gradient)
+                p.grad = torch.zeros_like(p)
+        opt.step()
+        res[f"step{k}.loss"] = loss.detach().reshape(1).clone()
+    assert res["step1.loss"].item() == res["out.loss"].item()
+    worst = 0.0
+    for name, p in params:
+        if name == "lm_head.weight":
+            continue  # kept out to stay under ~3.5 MB; the step-2/3 losses still depend on it
+        delta = p.detach() - state[name]
+        if name.endswith("mlp.experts.gate_up_proj") or name.endswith("mlp.experts.down_proj"):
+            delta = delta.transpose(1, 2)
+        res[f"step3.delta.{name}"] = delta.float().contiguous()
+        worst = max(worst, delta.abs().max().item())
+    print(f"AdamW: losses {[res[f'step{k}.loss'].item() for k in range(1, 4)]}, max |step-3 change| {worst:.3g}")
+
+
 def main():
     ap = argparse.ArgumentParser()
     ref = os.path.join(os.path.dirname(__file__), "..", "..", "tests", "reference")
@@ -392,8 +429,11 @@ def main():
         n_grad += 1
     print(f"{n_grad} parameter gradients; loss {loss.item():.12f} (ce {ce.item():.12f}, aux "
           f"{out.aux_loss.item():.12f})")
+    adamw_steps(m64, res, state, ids, labels, mask, pos)
     meta = {"torch": torch.__version__, "transformers": transformers.__version__,
-            "script": "tools/reference/qwen3_vl_moe_fixture.py", "param_seed": str(100 + seed)}
+            "script": "tools/reference/qwen3_vl_moe_fixture.py", "param_seed": str(100 + seed),
+            "adamw": "torch.optim.AdamW lr=1e-3 weight_decay=0.01 betas=(0.9,0.999) eps=1e-8 float64, 3 steps on "
+                     "in.*; every language-model parameter and lm_head (zero gradient where none)"}
     save_file(res, args.out, metadata=meta)
     print(f"wrote {args.out} ({os.path.getsize(args.out)} bytes)")
     vision_fixture(args.vision_out, vstate, vlogits32)
