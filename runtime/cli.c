@@ -7,8 +7,6 @@
 #include "cli.h"
 #include "env.h"
 #include "launch.h"
-#include "local_comm.h"
-#include "local_strategy.h"
 #include "plugin.h"
 #include "trainer.h"
 
@@ -164,9 +162,8 @@ int st_cli_main(int argc, char **argv) {
     return 0;
   }
   if (!strcmp(cmd, "plugins")) {
-    st_plugin_builtin b[2] = {{ST_PLUGIN_STRATEGY, "local", st_local_strategy()},
-                              {ST_PLUGIN_COMM, "local", st_local_comm()}};
-    st_plugin_list(stdout, b, 2);
+    st_plugin_builtin b[ST_N_BUILTINS];
+    st_plugin_list(stdout, b, st_builtin_plugins(b));
     return 0;
   }
   if (!strcmp(cmd, "train") || !strcmp(cmd, "validate") || !strcmp(cmd, "eval")) {
@@ -176,8 +173,8 @@ int st_cli_main(int argc, char **argv) {
     st_eval_options eo = {0};
     int n_rest = 0;
     bool usage_error = !sets || !rest;
+    bool is_eval = !strcmp(cmd, "eval");
     for (int i = 2; i < argc && !usage_error; i++) { /* eval's own options; the rest as for train */
-      bool is_eval = !strcmp(cmd, "eval");
       if (is_eval && !strcmp(argv[i], "--weights") && i + 1 < argc)
         snprintf(weights_set, sizeof weights_set, "model.weights=\"%s\"", argv[++i]);
       else if (is_eval && !strcmp(argv[i], "--checkpoint") && i + 1 < argc)

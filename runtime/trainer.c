@@ -140,11 +140,17 @@ static st_result plugin_failed(const st_plugin *p, const char *method, st_result
 
 static void log_sink(void *user, st_log_level level, const char *msg) { st_log((st_logger *)user, level, "%s", msg); }
 
+int st_builtin_plugins(st_plugin_builtin *out) {
+  out[0] = (st_plugin_builtin){ST_PLUGIN_STRATEGY, "local", st_local_strategy()};
+  out[1] = (st_plugin_builtin){ST_PLUGIN_COMM, "local", st_local_comm()};
+  return ST_N_BUILTINS;
+}
+
 static st_result load_strategy_cb(void *user, const char *name, const st_strategy_plugin_v1 **out, st_error *err) {
   (void)user;
   st_plugin p;
-  st_plugin_builtin b[1] = {{ST_PLUGIN_STRATEGY, "local", st_local_strategy()}};
-  ST_CHECK(st_plugin_load(ST_PLUGIN_STRATEGY, name, b, 1, &p, err));
+  st_plugin_builtin b[ST_N_BUILTINS];
+  ST_CHECK(st_plugin_load(ST_PLUGIN_STRATEGY, name, b, st_builtin_plugins(b), &p, err));
   *out = p.v.strategy; /* the handle stays open for the life of the process: strategies are few */
   return ST_OK;
 }
@@ -183,8 +189,8 @@ static st_result setup_world(trainer *t, st_error *err) {
   } else {
     if (!strcmp(backend, "auto")) backend = t->s.device_type == ST_DEVICE_CUDA ? "nccl" : "gloo";
     ST_CHECK(st_dist_store_open(&t->denv, t->s.comm_timeout_ms, &t->store_server, &t->store, err));
-    st_plugin_builtin b[1] = {{ST_PLUGIN_COMM, "local", st_local_comm()}};
-    ST_CHECK(load_configured(ST_PLUGIN_COMM, backend, "device.comm", b, 1, &t->comm_plugin, err));
+    st_plugin_builtin b[ST_N_BUILTINS];
+    ST_CHECK(load_configured(ST_PLUGIN_COMM, backend, "device.comm", b, st_builtin_plugins(b), &t->comm_plugin, err));
     t->comm = t->comm_plugin.v.comm;
   }
   st_comm_init_args a = {.struct_size = sizeof a, .rank = t->rank, .world_size = t->world_size,
@@ -264,10 +270,11 @@ static st_result setup_plugins(trainer *t, st_error *err) {
                            &t->model_plugin, err));
   t->model = t->model_plugin.v.model;
 
-  st_plugin_builtin b[1] = {{ST_PLUGIN_STRATEGY, "local", st_local_strategy()}};
+  st_plugin_builtin b[ST_N_BUILTINS];
+  int nb = st_builtin_plugins(b);
   const char *strategy_ref = s->strategy_plugin ? s->strategy_plugin : (s->strategy_name ? s->strategy_name : "local");
   ST_CHECK(load_configured(ST_PLUGIN_STRATEGY, strategy_ref, s->strategy_plugin ? "strategy.plugin" : "strategy.name",
-                           b, 1, &t->strategy_plugin, err));
+                           b, nb, &t->strategy_plugin, err));
   t->strategy = t->strategy_plugin.v.strategy;
 
   st_host_options ho = {.ops = t->ops, .cpu_ops = t->ops, .log_sink = log_sink, .log_user = t->logger,

@@ -7,6 +7,8 @@
 
 #include <strata/strata.h>
 
+#include "plugin.h"
+
 /* The plugin calls in flight, recorded by the trainer for the CLI's fatal-signal handler (which may
  * only read memory): at[0 .. depth-1], innermost last. Every string lives as long as its plugin. */
 #define ST_CALL_DEPTH 4
@@ -30,6 +32,11 @@ typedef struct st_run_options {
   int test_die_rank;                /*   itself after that step, on the job's first attempt only */
   st_call_site *call_site;          /* NULL, or where the trainer records the plugin call in flight */
 } st_run_options;
+
+/* The core's built-in plugins, found by name before any file: the `local` strategy and the `local`
+ * comm backend. Fills out and returns the count. */
+#define ST_N_BUILTINS 2
+int st_builtin_plugins(st_plugin_builtin *out); /* out: ST_N_BUILTINS entries */
 
 /* Train until max_steps / num_epochs; on return the last checkpoint is on disk. */
 st_result st_train(const st_run_options *opt, st_error *err);
