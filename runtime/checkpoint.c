@@ -38,27 +38,6 @@ static st_result fsync_path(const char *path, st_error *err) {
   return ST_OK;
 }
 
-static st_result write_file_atomic(const char *path, const char *text, st_error *err) {
-  char tmp[4200];
-  snprintf(tmp, sizeof tmp, "%s.tmp", path);
-  FILE *f = fopen(tmp, "w");
-  if (!f) return st_error_set(err, ST_ERR_IO, tmp, "cannot write: %s", strerror(errno));
-  size_t len = strlen(text);
-  bool ok = fwrite(text, 1, len, f) == len && fflush(f) == 0 && fsync(fileno(f)) == 0;
-  int e = errno;
-  if (fclose(f) != 0) ok = false;
-  if (!ok) {
-    unlink(tmp);
-    return st_error_set(err, ST_ERR_IO, tmp, "write failed: %s", strerror(e));
-  }
-  if (rename(tmp, path) != 0) {
-    e = errno;
-    unlink(tmp);
-    return st_error_set(err, ST_ERR_IO, path, "cannot rename into place: %s", strerror(e));
-  }
-  return ST_OK;
-}
-
 static void test_pause(const st_ckpt_options *opt) {
   if (!opt->slow_write_ms) return;
   struct timespec ts = {.tv_sec = opt->slow_write_ms / 1000, .tv_nsec = (long)(opt->slow_write_ms % 1000) * 1000000L};
@@ -177,7 +156,8 @@ static st_result write_model_files(ckpt_writer *w, const char *tmp, st_error *er
   char *text = json_dumps(index, JSON_INDENT(2) | JSON_SORT_KEYS);
   json_decref(index);
   snprintf(path, sizeof path, "%s/model.safetensors.index.json", tmp);
-  st_result r = text ? write_file_atomic(path, text, err) : st_error_set(err, ST_ERR_OUT_OF_MEMORY, path, "json");
+  st_result r = text ? st_write_file_atomic(path, text, strlen(text), err)
+                     : st_error_set(err, ST_ERR_OUT_OF_MEMORY, path, "json");
   free(text);
   return r;
 }
@@ -253,7 +233,7 @@ static st_result select_best(const st_ckpt_options *opt, const char *latest, st_
       char path[4200], text[80];
       snprintf(path, sizeof path, "%s/best", opt->output_path);
       snprintf(text, sizeof text, "%s\n", sc[0].name);
-      r = write_file_atomic(path, text, err);
+      r = st_write_file_atomic(path, text, strlen(text), err);
     }
     for (size_t i = (size_t)opt->save_top_k; r == ST_OK && i < n; i++) {
       if (strcmp(sc[i].name, latest) == 0) continue;
@@ -320,11 +300,12 @@ st_result st_ckpt_save(const st_ckpt_options *opt, const st_strategy_plugin_v1 *
 
   char *state = trainer_state_json(ts);
   snprintf(path, sizeof path, "%s/trainer_state.json", tmp);
-  r = state ? write_file_atomic(path, state, err) : st_error_set(err, ST_ERR_OUT_OF_MEMORY, path, "json");
+  r = state ? st_write_file_atomic(path, state, strlen(state), err)
+            : st_error_set(err, ST_ERR_OUT_OF_MEMORY, path, "json");
   free(state);
   if (r == ST_OK && config_json) {
     snprintf(path, sizeof path, "%s/config.json", tmp);
-    r = write_file_atomic(path, config_json, err);
+    r = st_write_file_atomic(path, config_json, strlen(config_json), err);
   }
   test_pause(opt);
   if (r == ST_OK) r = fsync_path(tmp, err);
@@ -344,7 +325,7 @@ st_result st_ckpt_save(const st_ckpt_options *opt, const st_strategy_plugin_v1 *
   snprintf(path, sizeof path, "%s/latest", opt->output_path);
   char latest[80];
   snprintf(latest, sizeof latest, "%s\n", name);
-  ST_CHECK(write_file_atomic(path, latest, err));
+  ST_CHECK(st_write_file_atomic(path, latest, strlen(latest), err));
   ST_CHECK(fsync_path(opt->output_path, err));
   if (opt->save_top_k > 0) return select_best(opt, name, err);
   prune(opt->output_path, opt->keep_last, name);

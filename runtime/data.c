@@ -747,25 +747,6 @@ static st_result synth_put_file(st_tensor_sink *sink, const char *filename, cons
 }
 
 /* write bytes to dir/name through a temporary name and a rename */
-static st_result write_atomic(const char *dir, const char *name, const char *bytes, size_t len, st_error *err) {
-  char tmp[4200], final_path[4200];
-  snprintf(tmp, sizeof tmp, "%s/.%s.tmp", dir, name);
-  snprintf(final_path, sizeof final_path, "%s/%s", dir, name);
-  FILE *fp = fopen(tmp, "wb");
-  if (!fp) return st_error_set(err, ST_ERR_IO, tmp, "cannot create %s: %s", tmp, strerror(errno));
-  bool ok = fwrite(bytes, 1, len, fp) == len;
-  ok = (fflush(fp) == 0) && ok;
-  ok = (fsync(fileno(fp)) == 0) && ok;
-  int e = errno;
-  ok = (fclose(fp) == 0) && ok;
-  if (!ok || rename(tmp, final_path) != 0) {
-    if (ok) e = errno;
-    unlink(tmp);
-    return st_error_set(err, ST_ERR_IO, final_path, "cannot write %s: %s", final_path, strerror(e));
-  }
-  return ST_OK;
-}
-
 #define SYNTH_STAMP ".strata-synthetic.json"
 
 /* "sample-000012.safetensors": the only names synthesize writes, and the only ones it removes */
@@ -859,13 +840,17 @@ st_result st_dataset_synthesize(const char *dir, int64_t n, uint64_t seed, int64
     }
     meta_len += (size_t)snprintf(meta + meta_len, meta_cap - meta_len, "{\"file\": \"%s\"}\n", name);
   }
-  if (r == ST_OK) r = write_atomic(dir, "metadata.jsonl", meta, meta_len, err);
+  if (r == ST_OK) {
+    snprintf(path, sizeof path, "%s/metadata.jsonl", dir);
+    r = st_write_file_atomic(path, meta, meta_len, err);
+  }
   free(meta);
   if (r == ST_OK) {
     char stamp[160];
     int len = snprintf(stamp, sizeof stamp, "{\"n\": %lld, \"seed\": \"%llu\", \"first\": %lld, \"format\": 1}\n",
                        (long long)n, (unsigned long long)seed, (long long)first);
-    r = write_atomic(dir, SYNTH_STAMP, stamp, (size_t)len, err);
+    snprintf(path, sizeof path, "%s/%s", dir, SYNTH_STAMP);
+    r = st_write_file_atomic(path, stamp, (size_t)len, err);
   }
   return r;
 }
