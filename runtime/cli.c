@@ -146,6 +146,16 @@ static bool parse_run_args(int argc, char **argv, st_run_options *o, const char 
   return o->config_path != NULL;
 }
 
+/* "key=\"value\"" for --set, with the value's quotes and backslashes escaped as JSON wants */
+static void set_string(char *out, size_t cap, const char *key, const char *value) {
+  size_t n = (size_t)snprintf(out, cap, "%s=\"", key);
+  for (const char *p = value; *p && n + 3 < cap; p++) {
+    if (*p == '"' || *p == '\\') out[n++] = '\\';
+    out[n++] = *p;
+  }
+  snprintf(out + n, cap - n, "\"");
+}
+
 int st_cli_main(int argc, char **argv) {
   if (argc < 2 || !strcmp(argv[1], "--help") || !strcmp(argv[1], "-h") || !strcmp(argv[1], "help")) {
     fputs(usage, argc < 2 ? stderr : stdout);
@@ -176,9 +186,9 @@ int st_cli_main(int argc, char **argv) {
     bool is_eval = !strcmp(cmd, "eval");
     for (int i = 2; i < argc && !usage_error; i++) { /* eval's own options; the rest as for train */
       if (is_eval && !strcmp(argv[i], "--weights") && i + 1 < argc)
-        snprintf(weights_set, sizeof weights_set, "model.weights=\"%s\"", argv[++i]);
+        set_string(weights_set, sizeof weights_set, "model.weights", argv[++i]);
       else if (is_eval && !strcmp(argv[i], "--checkpoint") && i + 1 < argc)
-        snprintf(resume_set, sizeof resume_set, "train.resume=\"%s\"", argv[++i]);
+        set_string(resume_set, sizeof resume_set, "train.resume", argv[++i]);
       else if (is_eval && !strcmp(argv[i], "--dump") && i + 1 < argc)
         eo.dump_path = argv[++i];
       else

@@ -12,7 +12,7 @@ Usage: test_eval.py STRATA SOURCE_ROOT CASE [RANKS]
   on-save      a failing on_save command is reported and training completes; a PNG written by
                the command is in the TensorBoard event file as an image (tensorboard's reader,
                when installed)"""
-import json, os, struct, subprocess, sys, tempfile
+import json, os, shutil, struct, subprocess, sys, tempfile
 import numpy as np
 
 STRATA, ROOT, CASE = sys.argv[1], sys.argv[2], sys.argv[3]
@@ -136,6 +136,11 @@ def case_seeds(tmp):
     b = run(["--checkpoint", ckpt] + sets(VAL, "train.seed=2", "train.output_path=" + os.path.join(tmp, "b")), "eval")
     check(a[0] == 0 and b[0] == 0, "eval failed:\n" + a[2] + b[2])
     check(val_loss(a[1]) is not None and val_loss(a[1]) == val_loss(b[1]), "val_loss %r vs %r" % (a[1], b[1]))
+    # a checkpoint path with a quote and a backslash reaches the config intact
+    odd = os.path.join(tmp, 'we"ird\\dir')
+    shutil.copytree(ckpt, odd)
+    q = run(["--checkpoint", odd] + sets(VAL, "train.seed=1", "train.output_path=" + os.path.join(tmp, "q")), "eval")
+    check(q[0] == 0 and val_loss(q[1]) == val_loss(a[1]), "eval from %r: %s" % (odd, q[1] + q[2]))
     # a different validation seed draws other sigmas and noise: the check above can fail
     c = run(["--checkpoint", ckpt] + sets(VAL.replace("}}", "}, \"seed\": 99}"), "train.output_path=" +
                                           os.path.join(tmp, "c")), "eval")
