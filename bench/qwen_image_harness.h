@@ -191,7 +191,10 @@ static inline st_result qh_step(qh_run *r, const st_sample *samples, int n, uint
   for (int u = 0; u < U && res == ST_OK; u++)
     res = PL->unit_forward(r->ctx, bctx, u, r->P[u], carry[u], carry[u + 1], saved[u], work, err);
   st_loss l = {0};
-  if (res == ST_OK) res = PL->loss(r->ctx, bctx, carry[U], 1.0, backward ? dcarry[U] : NULL, &l, err);
+  /* the model's gradient is of the sum over its loss items (model.h): 1/n_items gives the mean's */
+  if (res == ST_OK) res = PL->loss(r->ctx, bctx, carry[U], 0.0, NULL, &l, err);
+  if (res == ST_OK && backward)
+    res = PL->loss(r->ctx, bctx, carry[U], l.n_items ? 1.0 / (double)l.n_items : 0.0, dcarry[U], &l, err);
   if (loss) *loss = l.loss;
   if (res == ST_OK && (pred || pred_desc)) {
     int64_t np = st_tensor_numel(&carry[U][0]);

@@ -17,8 +17,15 @@ typedef struct host_state {
   const st_optimizer_settings *optimizer; /* the caller's, read at every update ("auto" resolves late) */
   uint64_t live[2], peak[2];
   const st_moe_api *moe;
+  const st_moe_ext *moe_ext;
   st_moe_api local_moe;
+  st_moe_ext local_moe_ext;
   int64_t moe_rows; /* rows of the last local dispatch, for combine */
+  /* the local pipelined exchange: one block (this rank's own) */
+  bool moe_pl_active, moe_pl_waited, moe_pl_returned;
+  void *moe_pl_out;
+  st_dtype moe_pl_dt;
+  int64_t moe_pl_hidden;
 } host_state;
 
 static host_state *state_of(const st_host *h) { return (host_state *)h->core; }
@@ -111,6 +118,10 @@ static st_result local_dispatch(st_moe_exchange *x, st_dtype dt, const void *tok
                                 int64_t recv_cap, int64_t *n_recv, st_error *err) {
   (void)num_experts;
   host_state *s = (host_state *)x;
+  if (s->moe_pl_active)
+    return st_error_set(err, ST_ERR_INVALID_ARGUMENT, "moe.dispatch",
+                        "a pipelined exchange (dispatch_start) is still in flight: wait for its block and call combine "
+                        "before moe.dispatch");
   if (n > recv_cap)
     return st_error_set(err, ST_ERR_INVALID_ARGUMENT, "moe.dispatch", "%lld rows do not fit a receive buffer of %lld",
                         (long long)n, (long long)recv_cap);
@@ -122,16 +133,92 @@ static st_result local_dispatch(st_moe_exchange *x, st_dtype dt, const void *tok
   return ST_OK;
 }
 
+static st_result local_return_block(st_moe_exchange *x, int i, const void *processed, st_error *err);
+
 static st_result local_combine(st_moe_exchange *x, st_dtype dt, const void *processed, int64_t hidden, void *out,
                                st_error *err) {
-  (void)err;
   host_state *s = (host_state *)x;
   const st_ops *ops = s->pub.ops;
+  if (s->moe_pl_active) { /* after dispatch_start: return what is left; the rows land in its `out` */
+    if (!s->moe_pl_waited)
+      return st_error_set(err, ST_ERR_INVALID_ARGUMENT, "moe.combine",
+                          "combine after dispatch_start before every block was waited for: block 0 was not; call "
+                          "wait_block(0) first");
+    if (!s->moe_pl_returned) ST_CHECK(local_return_block(x, 0, processed, err));
+    s->moe_pl_active = false;
+    if (out && out != s->moe_pl_out && s->moe_rows)
+      return ops->copy(ops, out, s->pub.device, s->moe_pl_out, s->pub.device,
+                       (size_t)(s->moe_rows * hidden) * st_dtype_size(dt));
+    return ST_OK;
+  }
   return ops->copy(ops, out, s->pub.device, processed, s->pub.device, (size_t)(s->moe_rows * hidden) * st_dtype_size(dt));
 }
 
+static st_result local_recv_capacity(st_moe_exchange *x, int64_t n_rows, int num_experts, int64_t *cap,
+                                     st_error *err) {
+  (void)x;
+  (void)num_experts;
+  if (n_rows < 0)
+    return st_error_set(err, ST_ERR_INVALID_ARGUMENT, "moe.recv_capacity", "negative row count %lld", (long long)n_rows);
+  *cap = n_rows;
+  return ST_OK;
+}
+
+/* the pipelined form: dispatch_start copies the rows at once, block 0 is all of them */
+static st_result local_dispatch_start(st_moe_exchange *x, st_dtype dt, const void *tokens, const int32_t *expert_ids,
+                                      int64_t n, int64_t hidden, int num_experts, void *recv, int32_t *recv_expert,
+                                      int64_t recv_cap, void *out, int64_t *n_recv, int *n_blocks, st_error *err) {
+  host_state *s = (host_state *)x;
+  if (s->moe_pl_active)
+    return st_error_set(err, ST_ERR_INVALID_ARGUMENT, "moe.dispatch_start",
+                        "dispatch_start while the previous pipelined exchange is still in flight: call combine first");
+  ST_CHECK(local_dispatch(x, dt, tokens, expert_ids, n, hidden, num_experts, recv, recv_expert, recv_cap, n_recv, err));
+  s->moe_pl_active = true;
+  s->moe_pl_waited = s->moe_pl_returned = false;
+  s->moe_pl_out = out;
+  s->moe_pl_dt = dt;
+  s->moe_pl_hidden = hidden;
+  *n_blocks = 1;
+  return ST_OK;
+}
+
+static st_result local_block_check(host_state *s, int i, const char *what, st_error *err) {
+  if (!s->moe_pl_active)
+    return st_error_set(err, ST_ERR_INVALID_ARGUMENT, what, "%s(%d) without a dispatch_start in flight", what + 4, i);
+  if (i != 0) return st_error_set(err, ST_ERR_INVALID_ARGUMENT, what, "block %d out of range [0, 1)", i);
+  return ST_OK;
+}
+
+static st_result local_wait_block(st_moe_exchange *x, int i, int64_t *first_row, int64_t *n_rows, st_error *err) {
+  host_state *s = (host_state *)x;
+  ST_CHECK(local_block_check(s, i, "moe.wait_block", err));
+  s->moe_pl_waited = true;
+  *first_row = 0;
+  *n_rows = s->moe_rows;
+  return ST_OK;
+}
+
+static st_result local_return_block(st_moe_exchange *x, int i, const void *processed, st_error *err) {
+  host_state *s = (host_state *)x;
+  ST_CHECK(local_block_check(s, i, "moe.return_block", err));
+  if (!s->moe_pl_waited)
+    return st_error_set(err, ST_ERR_INVALID_ARGUMENT, "moe.return_block", "return_block(0) before wait_block(0)");
+  if (s->moe_pl_returned)
+    return st_error_set(err, ST_ERR_INVALID_ARGUMENT, "moe.return_block", "block 0 was already returned");
+  const st_ops *ops = s->pub.ops;
+  ST_CHECK(ops->copy(ops, s->moe_pl_out, s->pub.device, processed, s->pub.device,
+                     (size_t)(s->moe_rows * s->moe_pl_hidden) * st_dtype_size(s->moe_pl_dt)));
+  s->moe_pl_returned = true;
+  return ST_OK;
+}
+
 static const st_moe_api *host_moe(const st_host *h) { return state_of(h)->moe; }
-static void host_set_moe(const st_host *h, const st_moe_api *api) { state_of(h)->moe = api; }
+static void host_set_moe(const st_host *h, const st_moe_api *api) {
+  state_of(h)->moe = api;
+  state_of(h)->moe_ext = NULL; /* the installer adds its own with set_moe_ext */
+}
+static const st_moe_ext *host_moe_ext(const st_host *h) { return state_of(h)->moe_ext; }
+static void host_set_moe_ext(const st_host *h, const st_moe_ext *ext) { state_of(h)->moe_ext = ext; }
 
 st_result st_host_create(const st_host_options *opt, st_host **out, st_error *err) {
   *out = NULL;
@@ -167,11 +254,17 @@ st_result st_host_create(const st_host_options *opt, st_host **out, st_error *er
   h->load_strategy = host_load_strategy;
   h->moe = host_moe;
   h->set_moe = host_set_moe;
+  h->moe_ext = host_moe_ext;
+  h->set_moe_ext = host_set_moe_ext;
   h->core = s;
   s->local_moe = (st_moe_api){.self = (st_moe_exchange *)s, .num_local_experts = local_num_experts,
                               .first_local_expert = local_first_expert, .dispatch = local_dispatch,
                               .combine = local_combine};
+  s->local_moe_ext = (st_moe_ext){.struct_size = sizeof(st_moe_ext), .recv_capacity = local_recv_capacity,
+                                  .dispatch_start = local_dispatch_start, .wait_block = local_wait_block,
+                                  .return_block = local_return_block};
   s->moe = &s->local_moe;
+  s->moe_ext = &s->local_moe_ext;
   *out = h;
   return ST_OK;
 }

@@ -764,12 +764,37 @@ static void report_step(trainer *t, const st_loss *loss, double lr, double gnorm
 /* One pass over the validation set without gradients: each sample's sigma and noise come from its
  * global index and the validation seed (or from the sample itself), so the number does not depend on
  * the training seed, the strategy or the world size. Returns the mean over every rank's samples. */
-static st_result run_validation(trainer *t, st_loss *out, st_error *err) {
+/* Accumulates micro-batch losses and metrics weighted by their loss items; `finish` sums over the
+ * ranks and divides by the items of the whole global batch (the denominator of a step's loss;
+ * validation averages the same way). v[10] counts samples. */
+typedef struct step_loss {
+  double v[1 + 8 + 2]; /* sum n*loss, sum n*metric_i (st_loss holds at most 8), sum n, samples */
+  st_loss first;       /* names of the metrics */
+} step_loss;
+
+static void step_loss_add(step_loss *s, const st_loss *l, int n_samples, bool first) {
+  if (first) s->first = *l;
+  s->v[10] += n_samples;
+  double n = (double)l->n_items;
+  s->v[0] += n * l->loss;
+  for (int i = 0; i < s->first.n_metrics && i < l->n_metrics && i < 8; i++) s->v[1 + i] += n * l->metric_values[i];
+  s->v[9] += n;
+}
+
+static st_result step_loss_finish(trainer *t, step_loss *s, st_loss *out, st_error *err) {
+  if (t->world_size > 1) ST_CHECK(t->comm->all_reduce(t->world, s->v, s->v, 11, ST_F64, ST_REDUCE_SUM, NULL, err));
+  double n = s->v[9];
+  *out = s->first;
+  out->n_items = (int64_t)n;
+  out->loss = n > 0 ? s->v[0] / n : NAN;
+  for (int i = 0; i < out->n_metrics && i < 8; i++) out->metric_values[i] = n > 0 ? s->v[1 + i] / n : NAN;
+  return ST_OK;
+}
+
+static st_result run_validation(trainer *t, st_loss *out, int64_t *n_samples, st_error *err) {
   const st_model_plugin_v1 *m = t->model;
   int U = t->desc->n_units;
-  double sums[1 + 8 + 1] = {0}; /* loss, model metrics, count */
-  const char *names[8] = {0};
-  int n_metrics = 0;
+  step_loss acc = {0};
   ST_CHECK(st_dataset_seek(t->val_data, 0, err));
   for (int64_t j = 0; j < t->val_batches; j++) {
     st_batch batch;
@@ -810,27 +835,18 @@ static st_result run_validation(trainer *t, st_loss *out, st_error *err) {
     }
     MODEL_CALL_VOID(t, "batch_release", m->batch_release(t->mctx, bctx));
     if (r != ST_OK) return st_error_prefix(err, "validation sample %s: ", batch.samples[0].id ? batch.samples[0].id : "?");
-    sums[0] += l.loss;
-    n_metrics = l.n_metrics < 8 ? l.n_metrics : 8;
-    for (int i = 0; i < n_metrics; i++) {
-      sums[1 + i] += l.metric_values[i];
-      names[i] = l.metric_names[i];
-    }
-    sums[9] += 1.0;
+    step_loss_add(&acc, &l, batch.n_samples, j == 0);
   }
-  if (t->world_size > 1) ST_CHECK(t->comm->all_reduce(t->world, sums, sums, 10, ST_F64, ST_REDUCE_SUM, NULL, err));
-  *out = (st_loss){.loss = sums[0] / sums[9], .n_items = (int64_t)sums[9], .n_metrics = n_metrics};
-  for (int i = 0; i < n_metrics; i++) {
-    out->metric_names[i] = names[i];
-    out->metric_values[i] = sums[1 + i] / sums[9];
-  }
+  ST_CHECK(step_loss_finish(t, &acc, out, err));
+  *n_samples = (int64_t)acc.v[10];
   return ST_OK;
 }
 
 /* validation during training: logs val/loss, tracks the best, says whether to stop early */
 static st_result validate_step(trainer *t, bool *stop, st_error *err) {
   st_loss v = {0};
-  ST_CHECK(run_validation(t, &v, err));
+  int64_t n_samples = 0;
+  ST_CHECK(run_validation(t, &v, &n_samples, err));
   t->ts.val_loss = v.loss;
   double sign = t->s.monitor_max ? -1.0 : 1.0;
   bool better = isnan(t->best_val) || sign * (t->best_val - v.loss) > t->s.early_min_delta;
@@ -849,24 +865,11 @@ static st_result validate_step(trainer *t, bool *stop, st_error *err) {
     }
   }
   st_log(t->logger, ST_LOG_INFO, "step %lld: val_loss %.6g over %lld samples%s", (long long)t->ts.step, v.loss,
-         (long long)v.n_items, better ? " (best so far)" : "");
+         (long long)n_samples, better ? " (best so far)" : "");
   *stop = t->s.early_patience > 0 && t->evals_since_best >= t->s.early_patience;
   if (*stop)
     st_log(t->logger, ST_LOG_INFO, "early stopping: val_loss has not improved by more than %g for %lld evaluations "
            "(best %.6g)", t->s.early_min_delta, (long long)t->evals_since_best, t->best_val);
-  return ST_OK;
-}
-
-/* the logged loss and model metrics are the global batch's: the mean over ranks */
-static st_result average_over_ranks(trainer *t, st_loss *l, st_error *err) {
-  if (t->world_size == 1) return ST_OK;
-  double v[1 + 8]; /* st_loss holds at most 8 metrics */
-  int n = l->n_metrics < 8 ? l->n_metrics : 8;
-  v[0] = l->loss;
-  for (int i = 0; i < n; i++) v[1 + i] = l->metric_values[i];
-  ST_CHECK(t->comm->all_reduce(t->world, v, v, 1 + n, ST_F64, ST_REDUCE_AVG, NULL, err));
-  l->loss = v[0];
-  for (int i = 0; i < n; i++) l->metric_values[i] = v[1 + i];
   return ST_OK;
 }
 
@@ -918,24 +921,24 @@ static st_result train_loop(trainer *t, st_error *err) {
     }
     double t0 = now_s();
     phase_times pt = {0};
-    double loss_sum = 0.0;
-    st_loss agg = {0};
-    double grad_scale = t->scaler.scale / (double)gas;
+    /* gradients accumulate as loss-scaled sums over loss items (model.h), averaged over ranks by the
+     * strategy; dividing by the global item count / world size makes them the mean loss's */
+    step_loss acc = {0};
     for (int64_t k = 0; k < gas; k++) {
       st_loss l = {0};
-      ST_CHECK(micro_step(t, micro_index++, k == gas - 1, grad_scale, &l, &pt, err));
-      loss_sum += l.loss;
-      if (k == 0) agg = l;
-      else
-        for (int i = 0; i < l.n_metrics && i < agg.n_metrics; i++) agg.metric_values[i] += l.metric_values[i];
+      ST_CHECK(micro_step(t, micro_index++, k == gas - 1, t->scaler.scale, &l, &pt, err));
+      step_loss_add(&acc, &l, 0, k == 0);
     }
-    for (int i = 0; i < agg.n_metrics; i++) agg.metric_values[i] /= (double)gas;
-    agg.loss = loss_sum / (double)gas;
-    ST_CHECK(average_over_ranks(t, &agg, err));
+    st_loss agg;
+    ST_CHECK(step_loss_finish(t, &acc, &agg, err));
     double t1 = now_s();
     double norm_sq = 0.0;
     ST_CHECK(STRATEGY_CALL(t, "grad_norm_sq", t->strategy->grad_norm_sq(t->sctx, &norm_sq, err)));
-    double gnorm = sqrt(norm_sq) / t->scaler.scale;
+    double unscale = t->scaler.scale * (double)agg.n_items / (double)t->world_size;
+    double gnorm = agg.n_items > 0 ? sqrt(norm_sq) / unscale : NAN;
+    if (agg.n_items == 0)
+      st_log(t->logger, ST_LOG_WARN, "step %lld: the global batch has no loss items (every label is ignored): "
+             "skipped", (long long)t->ts.step + 1);
     bool bad_loss = !isfinite(agg.loss);
     bool overflow = !isfinite(norm_sq);
     bool skip = st_loss_scaler_update(&t->scaler, overflow) || bad_loss;
@@ -954,7 +957,7 @@ static st_result train_loop(trainer *t, st_error *err) {
     } else {
       t->ts.bad_steps = 0;
       double clip = st_clip_coefficient(gnorm, t->s.gradient_clipping);
-      st_step_args sa = {.step = t->ts.step + 1, .lr = lr, .grad_scale = clip / t->scaler.scale};
+      st_step_args sa = {.step = t->ts.step + 1, .lr = lr, .grad_scale = clip / unscale};
       ST_CHECK(STRATEGY_CALL(t, "step", t->strategy->step(t->sctx, &sa, err)));
       t->ts.step++;
       if (t->opt.test_die_at_step == t->ts.step && t->opt.test_die_rank == t->rank && t->denv.restart_count == 0)
@@ -1011,9 +1014,10 @@ st_result st_eval(const st_run_options *opt, const st_eval_options *eo, FILE *ou
   if (r == ST_OK && eo->dump_path) r = st_safetensors_writer_create(&t.dump, err);
   if (r == ST_OK) r = setup_training(&t, err);
   st_loss v = {0};
-  if (r == ST_OK) r = run_validation(&t, &v, err);
+  int64_t n_samples = 0;
+  if (r == ST_OK) r = run_validation(&t, &v, &n_samples, err);
   if (r == ST_OK && t.rank == 0) {
-    fprintf(out, "val_loss %.9g over %lld samples\n", v.loss, (long long)v.n_items);
+    fprintf(out, "val_loss %.9g over %lld samples\n", v.loss, (long long)n_samples);
     for (int i = 0; i < v.n_metrics; i++) fprintf(out, "val/%s %.9g\n", v.metric_names[i], v.metric_values[i]);
   }
   if (r == ST_OK && t.dump) {

@@ -304,7 +304,7 @@ static st_result mlp_loss(void *ctx, void *vb, const st_tensor *final, double gr
   const st_ops *o = m->host->ops;
   double loss = 0.0;
   st_result r = o->mse_forward(o, m->dt, final[0].data, b->y, NULL, b->b, m->out, &loss);
-  if (r == ST_OK && dfinal) r = o->mse_backward(o, m->dt, final[0].data, b->y, NULL, b->b, m->out, grad_scale, dfinal[0].data);
+  if (r == ST_OK && dfinal) r = o->mse_backward(o, m->dt, final[0].data, b->y, NULL, b->b, m->out, grad_scale * (double)b->b, dfinal[0].data);
   if (r != ST_OK) return st_error_set(err, r, "model.mlp", "loss kernel failed: %s", st_result_string(r));
   *out = (st_loss){.loss = loss, .n_items = b->b};
   return ST_OK;

@@ -20,6 +20,7 @@
  * per-layer routing on the host and the router statistics of the aux loss) live in the batch
  * context. Math and sources: shared/reference/qwen3_vl_moe.md; comments here say why, not what. */
 #include <math.h>
+#include <stddef.h>
 #include <stdlib.h>
 
 #include <strata/model.h>
@@ -499,9 +500,7 @@ typedef struct qm_route {
   int32_t *tok;     /* [T*k] sorted row r -> t */
   int32_t *eid;     /* [T*k] expert of sorted row r */
   int32_t *sel;     /* [T*k] t*E + idx: the selected router logit of (t, slot) */
-  int32_t *rperm;   /* [recv_cap] received rows grouped by local expert: row i <- received row rperm[i] */
-  int32_t *rinv;    /* [recv_cap] the inverse permutation */
-  int64_t *rcount;  /* [E] received rows per local expert */
+  int32_t *reid;    /* [recv_cap] expert of each received row (blocks by source rank, sorted by expert) */
   int64_t n_recv;
   double *count;    /* [E] top-k selections over non-padding tokens (aux loss, load metrics) */
   double *psum;     /* [E] sum over non-padding tokens of the router softmax */
@@ -519,7 +518,11 @@ typedef struct qm_batch {
   void *cosv, *sinv;  /* device [B, S, d/2] MRoPE angles */
   void *iota;         /* device int32 [max(Tk, recv_cap, Np)] 0, 1, 2, ... */
   qm_route *route;    /* [L] */
-  double grad_scale;  /* the last loss() call's: the aux gradient in backward uses it */
+  bool training;      /* router statistics are summed over the world (the global micro-batch) */
+  /* set by loss() for backward: the per-item gradient scale, and the aux loss's pooled expert
+   * counts [E], rows and loss items over the global micro-batch (this rank's alone in validation) */
+  double grad_scale, aux_rows, aux_items;
+  double *aux_count;
   /* vision: Np patches of all images of the batch (in sample order), Nm = Np / merge^2 tokens */
   int64_t Np, Nm;
   void *pix;          /* device [Np, pdim] */
@@ -540,8 +543,8 @@ static int64_t seq_len_of(const st_tensor *t) {
 }
 
 static void free_route(qm_route *r) {
-  free(r->idx), free(r->perm), free(r->tok), free(r->eid), free(r->sel), free(r->rperm), free(r->rinv);
-  free(r->rcount), free(r->count), free(r->psum);
+  free(r->idx), free(r->perm), free(r->tok), free(r->eid), free(r->sel), free(r->reid);
+  free(r->count), free(r->psum);
 }
 
 static void qm_batch_release(void *ctx, void *vb) {
@@ -557,6 +560,7 @@ static void qm_batch_release(void *ctx, void *vb) {
     for (int64_t l = 0; l < m->s.a.layers; l++) free_route(&b->route[l]);
   free(b->route);
   free(b->tokmask_h);
+  free(b->aux_count);
   free(b->vseg_h);
   free(b);
 }
@@ -646,12 +650,10 @@ static st_result alloc_route(qm_route *r, int64_t Tk, int64_t cap, int64_t E) {
   r->tok = malloc(sizeof(int32_t) * (size_t)Tk);
   r->eid = malloc(sizeof(int32_t) * (size_t)Tk);
   r->sel = malloc(sizeof(int32_t) * (size_t)Tk);
-  r->rperm = malloc(sizeof(int32_t) * (size_t)cap);
-  r->rinv = malloc(sizeof(int32_t) * (size_t)cap);
-  r->rcount = calloc((size_t)E, sizeof(int64_t));
+  r->reid = malloc(sizeof(int32_t) * (size_t)(cap ? cap : 1));
   r->count = calloc((size_t)E, sizeof(double));
   r->psum = calloc((size_t)E, sizeof(double));
-  return r->idx && r->perm && r->tok && r->eid && r->sel && r->rperm && r->rinv && r->rcount && r->count && r->psum
+  return r->idx && r->perm && r->tok && r->eid && r->sel && r->reid && r->count && r->psum
              ? ST_OK : ST_ERR_OUT_OF_MEMORY;
 }
 
@@ -704,6 +706,12 @@ static int64_t walk_sample(const qm_model *m, const st_sample *s, int64_t n, int
   return n_items;
 }
 
+/* the exchange's additions when the core and the exchange offer them (st_host grew after v1) */
+static const st_moe_ext *moe_ext_of(const st_host *h) {
+  if (h->struct_size < offsetof(st_host, set_moe_ext) + sizeof h->set_moe_ext || !h->moe_ext) return NULL;
+  return h->moe_ext(h);
+}
+
 static st_result qm_batch_prepare(void *ctx, const st_batch *batch, void **out, st_error *err) {
   qm_model *m = ctx;
   const st_host *host = m->host;
@@ -735,8 +743,17 @@ static st_result qm_batch_prepare(void *ctx, const st_batch *batch, void **out, 
     return st_error_set(err, ST_ERR_INVALID_ARGUMENT, "model.qwen3_vl_moe", "the MoE exchange reports %d local experts "
                         "from %d of %lld", nl, fl, (long long)E);
   }
-  /* worst case: every rank of the expert-parallel group routes all its rows here */
+  /* the exchange says how many rows may arrive (collective: every rank prepares its batch in step);
+   * one without that call gets the worst case, every rank of the group routing all its rows here */
   b->recv_cap = b->Tk * ((E + b->n_local - 1) / b->n_local);
+  const st_moe_ext *mx = moe_ext_of(host);
+  if (mx && mx->struct_size >= offsetof(st_moe_ext, recv_capacity) + sizeof mx->recv_capacity && mx->recv_capacity) {
+    st_result rc = mx->recv_capacity(moe->self, b->Tk, (int)E, &b->recv_cap, err);
+    if (rc != ST_OK) {
+      free(b);
+      return st_error_prefix(err, "model.qwen3_vl_moe: sizing the MoE receive buffers: ");
+    }
+  }
   int64_t niota = b->recv_cap > b->Tk ? b->recv_cap : b->Tk;
   if (Np > niota) niota = Np;
   int32_t *ids = calloc((size_t)T, sizeof *ids), *iota = malloc(sizeof(int32_t) * (size_t)niota);
@@ -751,11 +768,13 @@ static st_result qm_batch_prepare(void *ctx, const st_batch *batch, void **out, 
   int32_t *vis = malloc(npb * sizeof(int32_t));
   b->tokmask_h = calloc((size_t)T, 1);
   b->route = calloc((size_t)a->layers, sizeof *b->route);
+  b->aux_count = calloc((size_t)E, sizeof *b->aux_count);
+  b->training = batch->training;
   double *inv_freq = malloc(sizeof(double) * (size_t)half), *vinv = malloc(sizeof(double) * (size_t)(vq ? vq : 1));
   int *axis = malloc(sizeof(int) * (size_t)half);
   st_result r = ST_OK;
   if (!ids || !iota || !labels || !pos || !kmask || !tokm || !textm || !cosv || !sinv || !pix || !pwt || !negones ||
-      !vcos || !vsin || !ptap || !vseg || !vis || !b->tokmask_h || !b->route || !inv_freq || !vinv || !axis)
+      !vcos || !vsin || !ptap || !vseg || !vis || !b->tokmask_h || !b->route || !b->aux_count || !inv_freq || !vinv || !axis)
     r = st_error_set(err, ST_ERR_OUT_OF_MEMORY, "model.qwen3_vl_moe", "batch staging");
   for (int64_t l = 0; l < a->layers && r == ST_OK; l++)
     if (alloc_route(&b->route[l], b->Tk, b->recv_cap, E) != ST_OK)
@@ -932,8 +951,8 @@ static st_result qm_carry_layout(void *ctx, void *vb, int boundary, st_carry_lay
 
 typedef struct lay_saved {
   void *rstd1, *xn1, *qraw, *kraw, *q, *k, *v, *rq, *rk, *o, *lse, *h1, *rstd2, *xn2, *p, *wsel, *wsorted;
-  int32_t *idx, *tok, *perm, *eid, *sel, *rperm, *rinv;
-  void *xr, *hgu, *u, *ys;
+  int32_t *idx, *tok, *perm, *eid, *sel;
+  void *xr, *hgu, *u, *ys; /* xr: the received rows themselves (the exchange writes them here) */
 } lay_saved;
 
 static void layer_saved_layout(const qm_model *m, const qm_batch *b, bump *bp, lay_saved *s) {
@@ -962,8 +981,6 @@ static void layer_saved_layout(const qm_model *m, const qm_batch *b, bump *bp, l
   s->perm = take(bp, (size_t)Tk * is);
   s->eid = take(bp, (size_t)Tk * is);
   s->sel = take(bp, (size_t)Tk * is);
-  s->rperm = take(bp, (size_t)NR * is);
-  s->rinv = take(bp, (size_t)NR * is);
   s->xr = take(bp, (size_t)(NR * H) * es);
   s->hgu = take(bp, (size_t)(NR * 2 * I) * es);
   s->u = take(bp, (size_t)(NR * I) * es);
@@ -971,7 +988,7 @@ static void layer_saved_layout(const qm_model *m, const qm_batch *b, bump *bp, l
 }
 
 typedef struct lay_fwd_ws {
-  void *z, *topv, *zsel, *xs, *recv, *yr, *yrecv, *col, *lt;
+  void *z, *topv, *zsel, *xs, *yr, *col, *lt;
   int32_t *recv_eid;
 } lay_fwd_ws;
 
@@ -983,16 +1000,14 @@ static void layer_fwd_ws(const qm_model *m, const qm_batch *b, bump *bp, lay_fwd
   w->topv = take(bp, (size_t)Tk * es);
   w->zsel = take(bp, (size_t)Tk * es);
   w->xs = take(bp, (size_t)(Tk * H) * es);
-  w->recv = take(bp, (size_t)(NR * H) * es);
   w->yr = take(bp, (size_t)(NR * H) * es);
-  w->yrecv = take(bp, (size_t)(NR * H) * es);
   w->col = take(bp, (size_t)a->experts * es);
   w->recv_eid = take(bp, (size_t)NR * sizeof(int32_t));
   w->lt = take(bp, (size_t)(T * (m->s.lora ? m->s.rank : 0)) * es);
 }
 
 typedef struct lay_bwd_ws {
-  void *G, *gF, *grecv, *gsorted, *gu, *gab, *gxr, *gxrecv, *gxs, *gws, *gw, *dzsel, *gz, *gp, *gz2, *cvec;
+  void *G, *gF, *grecv, *gu, *gab, *gxr, *gxs, *gws, *gw, *dzsel, *gz, *gp, *gz2, *cvec;
   void *dxn2, *dh1, *dO, *dq, *dk, *dv, *dqraw, *dkraw, *dxn1, *lt1, *lt2;
   int32_t *recv_eid;
 } lay_bwd_ws;
@@ -1004,11 +1019,9 @@ static void layer_bwd_ws(const qm_model *m, const qm_batch *b, bump *bp, lay_bwd
   w->G = take(bp, (size_t)(Tk * H) * es);
   w->gF = take(bp, (size_t)(Tk * H) * es);
   w->grecv = take(bp, (size_t)(NR * H) * es);
-  w->gsorted = take(bp, (size_t)(NR * H) * es);
   w->gu = take(bp, (size_t)(NR * I) * es);
   w->gab = take(bp, (size_t)(NR * 2 * I) * es);
   w->gxr = take(bp, (size_t)(NR * H) * es);
-  w->gxrecv = take(bp, (size_t)(NR * H) * es);
   w->gxs = take(bp, (size_t)(Tk * H) * es);
   w->gws = take(bp, (size_t)Tk * es);
   w->gw = take(bp, (size_t)Tk * es);
@@ -1301,26 +1314,62 @@ static void route_sort(const qm_model *m, qm_batch *b, qm_route *r) {
   free(start);
 }
 
-static st_result recv_sort(const qm_model *m, qm_batch *b, qm_route *r, const int32_t *recv_eid, st_error *err) {
-  int64_t nl = b->n_local, NR = r->n_recv;
-  memset(r->rcount, 0, sizeof(int64_t) * (size_t)m->s.a.experts);
-  for (int64_t i = 0; i < NR; i++) {
-    int64_t el = recv_eid[i] - b->first_local;
-    if (el < 0 || el >= nl)
-      return st_error_set(err, ST_ERR_INTERNAL, "moe.dispatch", "received a row for expert %d, which is not one of "
-                          "this rank's experts [%d, %d)", recv_eid[i], b->first_local, b->first_local + b->n_local);
-    r->rcount[el]++;
-  }
-  int64_t *start = calloc((size_t)nl + 1, sizeof *start);
-  if (!start) return st_error_set(err, ST_ERR_OUT_OF_MEMORY, "model.qwen3_vl_moe", "routing");
-  for (int64_t e = 0; e < nl; e++) start[e + 1] = start[e] + r->rcount[e];
-  for (int64_t i = 0; i < NR; i++) {
-    int64_t pos = start[recv_eid[i] - b->first_local]++;
-    r->rperm[pos] = (int32_t)i;
-    r->rinv[i] = (int32_t)pos;
-  }
-  free(start);
+/* The exchange in its pipelined form when the strategy offers it (blocks of received rows arrive
+ * while the experts work on earlier ones and go home as soon as they are done), else one block
+ * through the blocking dispatch. */
+typedef struct moe_xfer {
+  const st_moe_api *api;
+  const st_moe_ext *ext; /* NULL: the blocking dispatch */
+  int n_blocks;
+  int64_t n_recv;
+} moe_xfer;
+
+static moe_xfer xfer_make(const st_host *h) {
+  const st_moe_ext *e = moe_ext_of(h);
+  bool piped = e && e->struct_size >= offsetof(st_moe_ext, return_block) + sizeof e->return_block &&
+               e->dispatch_start && e->wait_block && e->return_block;
+  return (moe_xfer){.api = h->moe(h), .ext = piped ? e : NULL};
+}
+
+static st_result xfer_start(moe_xfer *x, const qm_model *m, const qm_batch *b, const void *rows, const int32_t *eid,
+                            void *recv, int32_t *recv_eid, void *out, st_error *err) {
+  const st_moe_api *api = x->api;
+  st_dtype dt = m->s.dt;
+  int64_t H = m->s.a.hidden;
+  int E = (int)m->s.a.experts;
+  if (x->ext)
+    return x->ext->dispatch_start(api->self, dt, rows, eid, b->Tk, H, E, recv, recv_eid, b->recv_cap, out, &x->n_recv,
+                               &x->n_blocks, err);
+  x->n_blocks = 1;
+  return api->dispatch(api->self, dt, rows, eid, b->Tk, H, E, recv, recv_eid, b->recv_cap, &x->n_recv, err);
+}
+
+static st_result xfer_wait(moe_xfer *x, int i, int64_t *first, int64_t *n, st_error *err) {
+  if (x->ext) return x->ext->wait_block(x->api->self, i, first, n, err);
+  *first = 0, *n = x->n_recv;
   return ST_OK;
+}
+
+static st_result xfer_return(moe_xfer *x, int i, const void *processed, st_error *err) {
+  return x->ext ? x->ext->return_block(x->api->self, i, processed, err) : ST_OK;
+}
+
+/* the received rows' experts, on the host, each one of this rank's */
+static st_result recv_experts(const qm_model *m, qm_batch *b, qm_route *r, const int32_t *recv_eid, st_error *err) {
+  st_result rr = to_host(m, r->reid, recv_eid, sizeof(int32_t) * (size_t)r->n_recv);
+  if (rr != ST_OK) return st_error_set(err, rr, "moe.dispatch", "copying the received expert ids failed");
+  for (int64_t i = 0; i < r->n_recv; i++)
+    if (r->reid[i] < b->first_local || r->reid[i] >= b->first_local + b->n_local)
+      return st_error_set(err, ST_ERR_INTERNAL, "moe.dispatch", "received a row for expert %d, which is not one of "
+                          "this rank's experts [%d, %d)", r->reid[i], b->first_local, b->first_local + b->n_local);
+  return ST_OK;
+}
+
+/* the end of the run of rows for one expert that starts at row i (rows [i, end) of a block) */
+static int64_t run_end(const qm_route *r, int64_t i, int64_t end) {
+  int64_t j = i + 1;
+  while (j < end && r->reid[j] == r->reid[i]) j++;
+  return j;
 }
 
 static st_result layer_forward(qm_model *m, qm_batch *b, int unit, const st_tensor *P, const st_tensor *cin,
@@ -1392,33 +1441,27 @@ static st_result layer_forward(qm_model *m, qm_batch *b, int unit, const st_tens
 
   /* experts: token copies sorted by expert -> exchange -> grouped by local expert -> FFN -> back */
   CK(o->gather_rows(o, dt, s.xn2, s.tok, Tk, H, w.xs));
-  ST_CHECK(moe->dispatch(moe->self, dt, w.xs, s.eid, Tk, H, (int)E, w.recv, w.recv_eid, b->recv_cap, &r->n_recv,
-                         err));
-  int64_t NR = r->n_recv;
-  int32_t *reid = malloc(sizeof(int32_t) * (size_t)(NR ? NR : 1));
-  if (!reid) return st_error_set(err, ST_ERR_OUT_OF_MEMORY, m->units[unit].name, "routing");
-  st_result rr = to_host(m, reid, w.recv_eid, sizeof(int32_t) * (size_t)NR);
-  if (rr == ST_OK) rr = recv_sort(m, b, r, reid, err);
-  free(reid);
-  if (rr != ST_OK) return rr;
-  CK(to_dev(m, s.rperm, r->rperm, sizeof(int32_t) * (size_t)NR));
-  CK(to_dev(m, s.rinv, r->rinv, sizeof(int32_t) * (size_t)NR));
-  CK(o->gather_rows(o, dt, w.recv, s.rperm, NR, H, s.xr));
-  for (int64_t e = 0, off = 0; e < b->n_local; off += r->rcount[e], e++) {
-    int64_t c = r->rcount[e];
-    if (!c) continue;
-    CK(mm(m, false, false, c, 2 * I, H, 1.0, at(m, s.xr, off * H), H, expert_slice(m, b, &P[P_GU], e), 2 * I, 0.0,
-          at(m, s.hgu, off * 2 * I), 2 * I));
+  moe_xfer xf = xfer_make(m->host);
+  ST_CHECK(xfer_start(&xf, m, b, w.xs, s.eid, s.xr, w.recv_eid, s.ys, err));
+  r->n_recv = xf.n_recv;
+  ST_CHECK(recv_experts(m, b, r, w.recv_eid, err));
+  for (int blk = 0; blk < xf.n_blocks; blk++) { /* each block's rows as they arrive, expert by expert */
+    int64_t f = 0, nb = 0;
+    ST_CHECK(xfer_wait(&xf, blk, &f, &nb, err));
+    for (int64_t i = f, j; i < f + nb; i = j) {
+      j = run_end(r, i, f + nb);
+      CK(mm(m, false, false, j - i, 2 * I, H, 1.0, at(m, s.xr, i * H), H,
+            expert_slice(m, b, &P[P_GU], r->reid[i] - b->first_local), 2 * I, 0.0, at(m, s.hgu, i * 2 * I), 2 * I));
+    }
+    if (nb) CK(o->swiglu_forward(o, dt, at(m, s.hgu, f * 2 * I), at(m, s.u, f * I), nb, I));
+    for (int64_t i = f, j; i < f + nb; i = j) {
+      j = run_end(r, i, f + nb);
+      CK(mm(m, false, false, j - i, H, I, 1.0, at(m, s.u, i * I), I,
+            expert_slice(m, b, &P[P_DOWN], r->reid[i] - b->first_local), H, 0.0, at(m, w.yr, i * H), H));
+    }
+    ST_CHECK(xfer_return(&xf, blk, w.yr, err));
   }
-  CK(o->swiglu_forward(o, dt, s.hgu, s.u, NR, I));
-  for (int64_t e = 0, off = 0; e < b->n_local; off += r->rcount[e], e++) {
-    int64_t c = r->rcount[e];
-    if (!c) continue;
-    CK(mm(m, false, false, c, H, I, 1.0, at(m, s.u, off * I), I, expert_slice(m, b, &P[P_DOWN], e), H, 0.0,
-          at(m, w.yr, off * H), H));
-  }
-  CK(o->gather_rows(o, dt, w.yr, s.rinv, NR, H, w.yrecv));
-  ST_CHECK(moe->combine(moe->self, dt, w.yrecv, H, s.ys, err));
+  ST_CHECK(moe->combine(moe->self, dt, w.yr, H, s.ys, err));
   CK(copy_dev(m, y, s.h1, (size_t)(T * H) * es));
   CK(o->scatter_add_rows(o, dt, s.ys, s.tok, s.wsorted, Tk, H, y));
   /* DeepStack: after layer j < n_ds, the image-token rows get deepstack feature j */
@@ -1467,33 +1510,36 @@ static st_result layer_backward(qm_model *m, qm_batch *b, int unit, const st_ten
   CK(o->scatter_add_rows(o, dt, w.G, b->iota, s.wsorted, Tk, H, w.gF));
   /* the mirror images: dispatch carries output gradients to the experts, combine brings input
    * gradients home */
-  int64_t nr2 = 0;
-  ST_CHECK(moe->dispatch(moe->self, dt, w.gF, s.eid, Tk, H, (int)E, w.grecv, w.recv_eid, b->recv_cap, &nr2, err));
-  if (nr2 != NR)
+  moe_xfer xf = xfer_make(m->host);
+  ST_CHECK(xfer_start(&xf, m, b, w.gF, s.eid, w.grecv, w.recv_eid, w.gxs, err));
+  if (xf.n_recv != NR)
     return st_error_set(err, ST_ERR_INTERNAL, m->units[unit].name, "backward dispatch received %lld rows, forward %lld",
-                        (long long)nr2, (long long)NR);
-  CK(o->gather_rows(o, dt, w.grecv, s.rperm, NR, H, w.gsorted));
-  for (int64_t e = 0, off = 0; e < b->n_local; off += r->rcount[e], e++) {
-    int64_t c = r->rcount[e];
-    if (!c) continue; /* an expert without tokens: its gradient stays exactly as it was */
-    CK(mm(m, false, true, c, I, H, 1.0, at(m, w.gsorted, off * H), H, expert_slice(m, b, &P[P_DOWN], e), H, 0.0,
-          at(m, w.gu, off * I), I));
-    if (G[P_DOWN].data)
-      CK(mm(m, true, false, I, H, c, 1.0, at(m, s.u, off * I), I, at(m, w.gsorted, off * H), H, 1.0,
-            expert_slice(m, b, &G[P_DOWN], e), H));
+                        (long long)xf.n_recv, (long long)NR);
+  for (int blk = 0; blk < xf.n_blocks; blk++) {
+    int64_t f = 0, nb = 0;
+    ST_CHECK(xfer_wait(&xf, blk, &f, &nb, err));
+    for (int64_t i = f, j; i < f + nb; i = j) { /* an expert without rows: its gradient stays as it was */
+      j = run_end(r, i, f + nb);
+      int64_t e = r->reid[i] - b->first_local;
+      CK(mm(m, false, true, j - i, I, H, 1.0, at(m, w.grecv, i * H), H, expert_slice(m, b, &P[P_DOWN], e), H, 0.0,
+            at(m, w.gu, i * I), I));
+      if (G[P_DOWN].data)
+        CK(mm(m, true, false, I, H, j - i, 1.0, at(m, s.u, i * I), I, at(m, w.grecv, i * H), H, 1.0,
+              expert_slice(m, b, &G[P_DOWN], e), H));
+    }
+    if (nb) CK(o->swiglu_backward(o, dt, at(m, s.hgu, f * 2 * I), at(m, w.gu, f * I), at(m, w.gab, f * 2 * I), nb, I));
+    for (int64_t i = f, j; i < f + nb; i = j) {
+      j = run_end(r, i, f + nb);
+      int64_t e = r->reid[i] - b->first_local;
+      if (G[P_GU].data)
+        CK(mm(m, true, false, H, 2 * I, j - i, 1.0, at(m, s.xr, i * H), H, at(m, w.gab, i * 2 * I), 2 * I, 1.0,
+              expert_slice(m, b, &G[P_GU], e), 2 * I));
+      CK(mm(m, false, true, j - i, H, 2 * I, 1.0, at(m, w.gab, i * 2 * I), 2 * I, expert_slice(m, b, &P[P_GU], e),
+            2 * I, 0.0, at(m, w.gxr, i * H), H));
+    }
+    ST_CHECK(xfer_return(&xf, blk, w.gxr, err));
   }
-  CK(o->swiglu_backward(o, dt, s.hgu, w.gu, w.gab, NR, I));
-  for (int64_t e = 0, off = 0; e < b->n_local; off += r->rcount[e], e++) {
-    int64_t c = r->rcount[e];
-    if (!c) continue;
-    if (G[P_GU].data)
-      CK(mm(m, true, false, H, 2 * I, c, 1.0, at(m, s.xr, off * H), H, at(m, w.gab, off * 2 * I), 2 * I, 1.0,
-            expert_slice(m, b, &G[P_GU], e), 2 * I));
-    CK(mm(m, false, true, c, H, 2 * I, 1.0, at(m, w.gab, off * 2 * I), 2 * I, expert_slice(m, b, &P[P_GU], e), 2 * I,
-          0.0, at(m, w.gxr, off * H), H));
-  }
-  CK(o->gather_rows(o, dt, w.gxr, s.rinv, NR, H, w.gxrecv));
-  ST_CHECK(moe->combine(moe->self, dt, w.gxrecv, H, w.gxs, err));
+  ST_CHECK(moe->combine(moe->self, dt, w.gxr, H, w.gxs, err));
   CK(o->fill(o, dt, w.dxn2, T * H, 0.0));
   CK(o->scatter_add_rows(o, dt, w.gxs, s.tok, NULL, Tk, H, w.dxn2));
 
@@ -1504,16 +1550,14 @@ static st_result layer_backward(qm_model *m, qm_batch *b, int unit, const st_ten
   CK(o->fill(o, dt, w.gz, T * E, 0.0));
   CK(o->scatter_add_rows(o, dt, w.dzsel, s.sel, NULL, Tk, 1, w.gz));
   /* aux loss: d(coef E sum_e f_e P_e)/dp[t, e] = coef E C_e / rows^2 for non-padding rows, with C_e
-   * and rows pooled over every layer (f is not differentiated) */
-  double rows = (double)b->n_valid * (double)a->layers;
+   * and rows pooled over every layer and over the global micro-batch (f is not differentiated); the
+   * term enters the step's loss with the weight of the global micro-batch's loss items */
+  double rows = b->aux_rows;
   if (a->aux_coef > 0 && rows > 0) {
     void *hc = malloc((size_t)E * es);
     if (!hc) return st_error_set(err, ST_ERR_OUT_OF_MEMORY, m->units[unit].name, "aux gradient");
-    for (int64_t e = 0; e < E; e++) {
-      double C = 0;
-      for (int64_t l = 0; l < a->layers; l++) C += b->route[l].count[e];
-      store_elem(dt, hc, e, b->grad_scale * a->aux_coef * (double)E * C / (rows * rows));
-    }
+    for (int64_t e = 0; e < E; e++)
+      store_elem(dt, hc, e, b->grad_scale * b->aux_items * a->aux_coef * (double)E * b->aux_count[e] / (rows * rows));
     st_result rr = to_dev(m, w.cvec, hc, (size_t)E * es);
     free(hc);
     CK(rr);
@@ -1834,43 +1878,70 @@ static st_result qm_unit_backward(void *ctx, void *vb, int unit, const st_tensor
 
 /* ---- loss, metrics, FLOPs ------------------------------------------------------------------- */
 
-/* transformers' ForCausalLMLoss (mean over the non-ignored shifted labels of this micro-batch) plus
- * router_aux_loss_coef x load_balancing_loss_func (pooled over layers, padding excluded). */
+/* transformers' ForCausalLMLoss plus router_aux_loss_coef x load_balancing_loss_func (pooled over
+ * layers, padding excluded). The reported loss is this micro-batch's mean over its non-ignored
+ * shifted labels; the gradient follows the core's convention (model.h): the cross-entropy summed
+ * over those labels, and the aux loss weighted by the loss items of the global micro-batch whose
+ * router statistics it is computed from. In training the statistics (expert counts, softmax sums,
+ * rows, items) are summed over every rank first, so the aux loss and the load metrics are those
+ * of the global micro-batch and do not depend on how it is split over ranks; validation keeps
+ * each micro-batch's own (its micro-batches are single samples on every rank count). */
 static st_result qm_loss(void *ctx, void *vb, const st_tensor *final, double grad_scale, st_tensor *dfinal,
                          st_loss *out, st_error *err) {
   qm_model *m = ctx;
   qm_batch *b = vb;
   const qm_arch *a = &m->s.a;
-  const st_ops *o = m->host->ops;
+  const st_host *h = m->host;
+  const st_ops *o = h->ops;
   double sum = 0.0;
   int64_t n = 0;
   st_result r = o->cross_entropy_forward(o, m->s.dt, final[0].data, b->labels, b->T, a->vocab, -100, &sum, &n);
   double ce = n ? sum / (double)n : 0.0;
   if (r == ST_OK && dfinal)
-    r = o->cross_entropy_backward(o, m->s.dt, final[0].data, b->labels, b->T, a->vocab, -100,
-                                  n ? grad_scale / (double)n : 0.0, dfinal[0].data);
+    r = o->cross_entropy_backward(o, m->s.dt, final[0].data, b->labels, b->T, a->vocab, -100, grad_scale,
+                                  dfinal[0].data);
   if (r != ST_OK) return st_error_set(err, r, "model.qwen3_vl_moe", "loss kernel failed: %s", st_result_string(r));
-  b->grad_scale = grad_scale;
   int64_t E = a->experts, L = a->layers;
-  double rows = (double)b->n_valid * (double)L, aux = 0.0, cv_sum = 0.0, cv_max = 0.0, empty = 0.0;
+  /* [L*E] per-layer counts, [E] softmax sums pooled over layers, rows, items */
+  size_t nstat = (size_t)(L * E + E + 2);
+  double *st = calloc(nstat, sizeof *st);
+  if (!st) return st_error_set(err, ST_ERR_OUT_OF_MEMORY, "model.qwen3_vl_moe", "router statistics");
+  for (int64_t l = 0; l < L; l++)
+    for (int64_t e = 0; e < E; e++) st[l * E + e] = b->route[l].count[e], st[L * E + e] += b->route[l].psum[e];
+  st[L * E + E] = (double)b->n_valid * (double)L;
+  st[L * E + E + 1] = (double)n;
+  if (b->training && h->world_size > 1) {
+    r = h->comm->all_reduce(h->world, st, st, (int64_t)nstat, ST_F64, ST_REDUCE_SUM, NULL, err);
+    if (r != ST_OK) {
+      free(st);
+      return st_error_prefix(err, "model.qwen3_vl_moe: summing the router statistics over the ranks: ");
+    }
+  }
+  double rows = st[L * E + E], aux = 0.0, cv_sum = 0.0, cv_max = 0.0, empty = 0.0;
   for (int64_t e = 0; e < E; e++) {
-    double C = 0, Ps = 0;
-    for (int64_t l = 0; l < L; l++) C += b->route[l].count[e], Ps += b->route[l].psum[e];
-    if (rows > 0) aux += (C / rows) * (Ps / rows);
+    double C = 0;
+    for (int64_t l = 0; l < L; l++) C += st[l * E + e];
+    b->aux_count[e] = C;
+    if (rows > 0) aux += (C / rows) * (st[L * E + e] / rows);
   }
   aux *= (double)E;
+  b->aux_rows = rows;
+  b->aux_items = st[L * E + E + 1];
+  b->grad_scale = grad_scale;
   for (int64_t l = 0; l < L; l++) { /* coefficient of variation of the per-expert token counts */
+    const double *c = st + l * E;
     double mean = 0, var = 0;
-    for (int64_t e = 0; e < E; e++) mean += b->route[l].count[e] / (double)E;
+    for (int64_t e = 0; e < E; e++) mean += c[e] / (double)E;
     for (int64_t e = 0; e < E; e++) {
-      double dv = b->route[l].count[e] - mean;
+      double dv = c[e] - mean;
       var += dv * dv / (double)E;
-      empty += b->route[l].count[e] == 0.0;
+      empty += c[e] == 0.0;
     }
     double cv = mean > 0 ? sqrt(var) / mean : 0.0;
     cv_sum += cv;
     if (cv > cv_max) cv_max = cv;
   }
+  free(st);
   *out = (st_loss){.loss = ce + a->aux_coef * aux, .n_items = n, .n_metrics = 5,
                    .metric_names = {"lm/ce_loss", "moe/aux_loss", "moe/load_cv", "moe/load_cv_max",
                                     "moe/empty_experts"},

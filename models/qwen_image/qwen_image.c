@@ -1299,7 +1299,8 @@ static st_result qi_unit_backward(void *ctx, void *vb, int unit, const st_tensor
 /* ---- loss, FLOPs ---------------------------------------------------------------------------- */
 
 /* DiffSynth (batch 1): mse(pred, eps - x0) * w(t). For a batch: the mean over samples of each
- * sample's weighted mean squared error, i.e. sum_b w_b mean_c (pred_b - v_b)^2 / B. */
+ * sample's weighted mean squared error, i.e. sum_b w_b mean_c (pred_b - v_b)^2 / B. Each sample is one
+ * loss item; the gradient is of the sum over them (model.h), hence B x grad_scale. */
 static st_result qi_loss(void *ctx, void *vb, const st_tensor *final, double grad_scale, st_tensor *dfinal,
                          st_loss *out, st_error *err) {
   qi_model *m = ctx;
@@ -1309,7 +1310,7 @@ static st_result qi_loss(void *ctx, void *vb, const st_tensor *final, double gra
   double loss = 0.0;
   st_result r = o->mse_forward(o, m->s.dt, final[0].data, b->target, b->weight, b->B, cols, &loss);
   if (r == ST_OK && dfinal)
-    r = o->mse_backward(o, m->s.dt, final[0].data, b->target, b->weight, b->B, cols, grad_scale, dfinal[0].data);
+    r = o->mse_backward(o, m->s.dt, final[0].data, b->target, b->weight, b->B, cols, grad_scale * (double)b->B, dfinal[0].data);
   if (r != ST_OK) return st_error_set(err, r, "model.qwen_image", "loss kernel failed: %s", st_result_string(r));
   double smean = 0.0;
   for (int64_t i = 0; i < b->B; i++) smean += b->sigma[i] / (double)b->B;

@@ -29,6 +29,7 @@
  * Checkpoints: experts under their GLOBAL names at global offsets (expert e of a [E, ...] tensor is
  * elements [e*row, (e+1)*row)); EDP rank 0 of each expert slice writes it, so any EP size (and any
  * other strategy) can read them back. */
+#include <stddef.h>
 #include <stdlib.h>
 #include <string.h>
 #include <time.h>
@@ -82,7 +83,10 @@ typedef struct ep_ctx {
 
   /* MoE exchange */
   st_moe_api moe;
+  st_moe_ext moe_ext;
   const st_moe_api *prev_moe;
+  const st_moe_ext *prev_moe_ext;
+  bool host_has_ext; /* the core's st_host carries moe_ext/set_moe_ext (appended after v1) */
   int64_t *table;            /* [P][E+1]: rank s's rows for each expert, then its receive capacity */
   int table_experts;
   int64_t *srows, *rrows;    /* rows this rank sends to / receives from each EP rank (last dispatch) */
@@ -92,8 +96,21 @@ typedef struct ep_ctx {
   int64_t last_n, last_nrecv;
   bool have_dispatch;
   /* exchange statistics, logged at finalize: calls, bytes sent + received, seconds */
-  int64_t n_dispatch, n_combine;
+  int64_t n_dispatch, n_combine, n_pipelined;
   double bytes_moved, sec_counts, sec_rows;
+  /* strategy.recv_capacity_factor (0 = not set) and recv_capacity's all-gather buffer [P] */
+  double cap_factor;
+  int64_t *cap_rows;
+  /* the pipelined exchange (dispatch_start .. combine); per-peer arrays are [P], indexed by EP rank */
+  int64_t *soff, *roff;      /* row offsets of srows / rrows */
+  bool pl_active;
+  bool *pl_waited, *pl_returned;                            /* by block index */
+  st_comm_request **pl_rreq, **pl_sreq, **pl_breq, **pl_bsreq; /* rows in, rows out, back in, back out */
+  uint32_t pl_seq;
+  int pl_tag;
+  st_dtype pl_dt;
+  int64_t pl_hidden;
+  void *pl_recv, *pl_out;
 } ep_ctx;
 
 static double now_s(void) {
@@ -104,7 +121,7 @@ static double now_s(void) {
 
 /* ---- configuration ------------------------------------------------------------------------ */
 
-static const char *const ep_keys[] = {"name", "plugin", "expert_parallel_size", "dense", NULL};
+static const char *const ep_keys[] = {"name", "plugin", "expert_parallel_size", "dense", "recv_capacity_factor", NULL};
 
 static st_result ep_validate(st_cfg *cfg, const st_cfg_api *api, st_error *err) {
   if (!cfg) return ST_OK;
@@ -114,6 +131,14 @@ static st_result ep_validate(st_cfg *cfg, const st_cfg_api *api, st_error *err) 
   if (p < 1)
     return st_error_set(err, ST_ERR_CONFIG, "strategy.expert_parallel_size",
                         "strategy.expert_parallel_size must be >= 1, found %lld", (long long)p);
+  if (api->type(cfg, "recv_capacity_factor") != ST_CFG_ABSENT) {
+    double f = 0;
+    ST_CHECK(api->get_number(cfg, "recv_capacity_factor", 0.0, &f, err));
+    if (!(f >= 1.0))
+      return st_error_set(err, ST_ERR_CONFIG, "strategy.recv_capacity_factor",
+                          "strategy.recv_capacity_factor must be a number >= 1 (the receive capacity as a multiple of "
+                          "the largest rank's rows; 1 = perfectly balanced routing), found %g; remove it for no cap", f);
+  }
   st_cfg_type t = api->type(cfg, "dense");
   if (t != ST_CFG_ABSENT && t != ST_CFG_OBJECT)
     return st_error_set(err, ST_ERR_CONFIG, "strategy.dense",
@@ -167,31 +192,33 @@ static st_result a2a(ep_ctx *c, const void *send, const int64_t *send_rows, void
   return ST_OK;
 }
 
-static st_result ep_dispatch(st_moe_exchange *x, st_dtype dt, const void *tokens, const int32_t *expert_ids, int64_t n,
-                             int64_t hidden, int num_experts, void *recv, int32_t *recv_expert, int64_t recv_cap,
-                             int64_t *n_recv, st_error *err) {
-  ep_ctx *c = (ep_ctx *)x;
+/* the count exchange shared by dispatch and dispatch_start: checks the rows, all-gathers the table
+ * (rows per expert + receive capacity) over the EP group, checks every rank's capacity from the same
+ * table (so all fail together), then sets srows/rrows and their row offsets and rebuilds the received
+ * rows' expert ids in ids_host[0 .. *n_recv). */
+static st_result exchange_counts(ep_ctx *c, const int32_t *expert_ids, int64_t n, int num_experts, int64_t recv_cap,
+                                 const char *what, int64_t *n_recv, st_error *err) {
   const st_host *h = c->host;
   const st_device cpu = {ST_DEVICE_CPU, 0};
   int P = c->ep;
   if (num_experts < 1 || num_experts % P)
     return st_error_set(err, ST_ERR_CONFIG, "strategy.expert_parallel_size",
                         "%d experts cannot be split evenly over expert_parallel_size %d", num_experts, P);
+  if (n < 0) return st_error_set(err, ST_ERR_INVALID_ARGUMENT, what, "negative row count %lld", (long long)n);
   int nl = num_experts / P;
-  c->have_dispatch = false;
   if (n > c->ids_cap) {
     int64_t cap = n * 2;
     h->free(h, cpu, c->ids_host);
     c->ids_host = h->alloc(h, cpu, (size_t)cap * sizeof(int32_t), "comm");
     c->ids_cap = c->ids_host ? cap : 0;
-    if (!c->ids_host) return st_error_set(err, ST_ERR_OUT_OF_MEMORY, "moe.dispatch", "expert id staging (%lld)", (long long)n);
+    if (!c->ids_host) return st_error_set(err, ST_ERR_OUT_OF_MEMORY, what, "expert id staging (%lld)", (long long)n);
   }
   int64_t width = num_experts + 1; /* a table row: rows per expert, then the receive capacity */
   if (num_experts != c->table_experts) {
     free(c->table);
     c->table = calloc((size_t)P * (size_t)width, sizeof *c->table);
     c->table_experts = c->table ? num_experts : 0;
-    if (!c->table) return st_error_set(err, ST_ERR_OUT_OF_MEMORY, "moe.dispatch", "token count table");
+    if (!c->table) return st_error_set(err, ST_ERR_OUT_OF_MEMORY, what, "token count table");
   }
   if (n) ST_CHECK(h->ops->copy(h->ops, c->ids_host, cpu, expert_ids, h->device, (size_t)n * sizeof(int32_t)));
   /* rows per expert; sorted by expert is what lets the receiver rebuild the ids from the counts */
@@ -201,10 +228,10 @@ static st_result ep_dispatch(st_moe_exchange *x, st_dtype dt, const void *tokens
   for (int64_t i = 0; i < n; i++) {
     int e = c->ids_host[i];
     if (e < 0 || e >= num_experts)
-      return st_error_set(err, ST_ERR_INVALID_ARGUMENT, "moe.dispatch", "row %lld names expert %d of %d", (long long)i,
-                          e, num_experts);
+      return st_error_set(err, ST_ERR_INVALID_ARGUMENT, what, "row %lld names expert %d of %d", (long long)i, e,
+                          num_experts);
     if (e < prev)
-      return st_error_set(err, ST_ERR_INVALID_ARGUMENT, "moe.dispatch",
+      return st_error_set(err, ST_ERR_INVALID_ARGUMENT, what,
                           "rows must arrive sorted by expert: row %lld (expert %d) follows a row for expert %d",
                           (long long)i, e, prev);
     prev = e;
@@ -219,38 +246,70 @@ static st_result ep_dispatch(st_moe_exchange *x, st_dtype dt, const void *tokens
     if (r != ST_OK) return st_error_prefix(err, "expert_parallel: exchanging token counts over the expert-parallel group: ");
   }
 #define T_AT(s_, e_) c->table[(size_t)(s_) * (size_t)width + (size_t)(e_)]
-  /* every rank checks every rank's receive capacity from the same table, so all fail together */
   for (int d = 0; d < P; d++) {
     int64_t total = 0;
     for (int s2 = 0; s2 < P; s2++)
       for (int e = d * nl; e < (d + 1) * nl; e++) total += T_AT(s2, e);
     int64_t cap = T_AT(d, num_experts);
-    if (total > cap)
-      return st_error_set(err, ST_ERR_INVALID_ARGUMENT, "moe.dispatch",
-                          "expert-parallel rank %d would receive %lld rows but its buffer holds %lld (the model's "
-                          "recv_cap is too small for this routing)", d, (long long)total, (long long)cap);
+    if (total <= cap) continue;
+    if (c->cap_factor > 0)
+      return st_error_set(err, ST_ERR_INVALID_ARGUMENT, what,
+                          "expert-parallel rank %d would receive %lld rows but its buffer holds %lld (the receive "
+                          "capacity is capped by strategy.recv_capacity_factor = %g x the largest rank's rows, and this "
+                          "routing is more uneven than that): raise strategy.recv_capacity_factor above %g, or remove "
+                          "it to size the buffers for the worst case", d, (long long)total, (long long)cap,
+                          c->cap_factor, c->cap_factor);
+    return st_error_set(err, ST_ERR_INVALID_ARGUMENT, what,
+                        "expert-parallel rank %d would receive %lld rows but its buffer holds %lld (the model's "
+                        "recv_cap is too small for this routing: size it with st_moe_ext.recv_capacity; "
+                        "strategy.recv_capacity_factor is not set)", d, (long long)total, (long long)cap);
   }
-  int64_t nr = 0, first = (int64_t)c->ep_rank * nl;
+  int64_t nr = 0, ns = 0, first = (int64_t)c->ep_rank * nl;
   for (int s2 = 0; s2 < P; s2++) {
     c->srows[s2] = 0;
     c->rrows[s2] = 0;
     for (int e = s2 * nl; e < (s2 + 1) * nl; e++) c->srows[s2] += mine[e];
     for (int64_t e = first; e < first + nl; e++) c->rrows[s2] += T_AT(s2, e);
+    c->soff[s2] = ns;
+    c->roff[s2] = nr;
+    ns += c->srows[s2];
     nr += c->rrows[s2];
   }
-  ST_CHECK(a2a(c, tokens, c->srows, recv, c->rrows, hidden, dt, "token rows", err));
   /* received rows are [source rank][expert]: their ids follow from the table, no second exchange */
   if (nr > c->ids_cap) {
     h->free(h, cpu, c->ids_host);
     c->ids_host = h->alloc(h, cpu, (size_t)nr * 2 * sizeof(int32_t), "comm");
     c->ids_cap = c->ids_host ? nr * 2 : 0;
-    if (!c->ids_host) return st_error_set(err, ST_ERR_OUT_OF_MEMORY, "moe.dispatch", "expert id staging (%lld)", (long long)nr);
+    if (!c->ids_host) return st_error_set(err, ST_ERR_OUT_OF_MEMORY, what, "expert id staging (%lld)", (long long)nr);
   }
   int64_t k = 0;
   for (int s2 = 0; s2 < P; s2++)
     for (int64_t e = first; e < first + nl; e++)
       for (int64_t j = 0; j < T_AT(s2, e); j++) c->ids_host[k++] = (int32_t)e;
 #undef T_AT
+  *n_recv = nr;
+  return ST_OK;
+}
+
+static st_result busy(ep_ctx *c, const char *what, st_error *err) {
+  if (!c->pl_active) return ST_OK;
+  return st_error_set(err, ST_ERR_INVALID_ARGUMENT, what,
+                      "a pipelined exchange (dispatch_start) is still in flight: wait for its blocks and call combine "
+                      "before %s", what);
+}
+
+static st_result ep_dispatch(st_moe_exchange *x, st_dtype dt, const void *tokens, const int32_t *expert_ids, int64_t n,
+                             int64_t hidden, int num_experts, void *recv, int32_t *recv_expert, int64_t recv_cap,
+                             int64_t *n_recv, st_error *err) {
+  ep_ctx *c = (ep_ctx *)x;
+  const st_host *h = c->host;
+  const st_device cpu = {ST_DEVICE_CPU, 0};
+  ST_CHECK(busy(c, "moe.dispatch", err));
+  c->have_dispatch = false;
+  int64_t nr = 0;
+  ST_CHECK(exchange_counts(c, expert_ids, n, num_experts, recv_cap, "moe.dispatch", &nr, err));
+  /* the ids are rebuilt in ids_host, which a2a does not touch */
+  ST_CHECK(a2a(c, tokens, c->srows, recv, c->rrows, hidden, dt, "token rows", err));
   if (nr) ST_CHECK(h->ops->copy(h->ops, recv_expert, h->device, c->ids_host, cpu, (size_t)nr * sizeof(int32_t)));
   c->last_n = n;
   c->last_nrecv = nr;
@@ -259,14 +318,258 @@ static st_result ep_dispatch(st_moe_exchange *x, st_dtype dt, const void *tokens
   return ST_OK;
 }
 
+/* ---- the pipelined form: point-to-point messages per peer, on tags unique to the exchange ------
+ *
+ * Gloo waits for p2p requests on the group's worker thread in posting order, so dispatch_start posts
+ * the block receives first (in block order), then the sends of this rank's rows (to the peer that
+ * needs them first first), then the receives of the rows coming back. wait_block(i) therefore only
+ * queues behind blocks < i; nothing a rank waits for depends on a later call of another rank. No
+ * other collective of the EP group may run while an exchange is in flight (it would queue behind the
+ * returning rows): dispatch, recv_capacity and a second dispatch_start are refused until combine.
+ * Tags: 2 * (sequence number mod 2^29) for rows going out, + 1 for rows coming back; the sequence
+ * number advances identically on every rank (dispatch_start is collective), and every message of an
+ * exchange is complete before its combine returns. Zero-row messages are skipped on both sides (both
+ * know them from the table). Rows are sent straight from the caller's buffers, without staging (a
+ * staging copy cost more than the overlap gained on loopback Gloo): `tokens` (dispatch_start) and
+ * `processed` (return_block, and combine's) must stay valid and unchanged until combine returns,
+ * like recv and out. */
+
+static size_t row_bytes(const ep_ctx *c) { return (size_t)c->pl_hidden * st_dtype_size(c->pl_dt); }
+
+/* after a failure: wait for (and free) every outstanding request in posting order (the order Gloo's
+ * worker completes them), close the exchange, and keep the first failure in *first */
+static st_result pl_drain(ep_ctx *c, st_error *first) {
+  st_result res = ST_OK;
+  int P = c->ep;
+  for (int k = 0; k < 4; k++)
+    for (int i = 1; i < P; i++) {
+      int p = k == 0 ? (c->ep_rank + i) % P : (c->ep_rank - i + P) % P;
+      st_comm_request **req = k == 0 ? &c->pl_rreq[p] : k == 1 ? &c->pl_sreq[p] : k == 2 ? &c->pl_breq[p] : &c->pl_bsreq[p];
+      if (!*req) continue;
+      st_comm_request *r = *req;
+      *req = NULL;
+      st_error e;
+      st_error_clear(&e);
+      st_result rr = c->comm->wait(r, &e);
+      if (rr != ST_OK && res == ST_OK) {
+        res = rr;
+        if (first) *first = e;
+      }
+    }
+  c->pl_active = false;
+  return res;
+}
+
+/* a call failed with r/err in the middle of an exchange: drain it; when a wait failed too, its error
+ * wins (it carries the comm's diagnosis, e.g. which rank died), else r/err stand */
+static st_result pl_abort(ep_ctx *c, st_result r, st_error *err) {
+  st_error first;
+  st_error_clear(&first);
+  st_result fr = pl_drain(c, &first);
+  if (fr == ST_OK) return r;
+  if (err) *err = first;
+  return fr;
+}
+
+static st_result ep_dispatch_start(st_moe_exchange *x, st_dtype dt, const void *tokens, const int32_t *expert_ids,
+                                   int64_t n, int64_t hidden, int num_experts, void *recv, int32_t *recv_expert,
+                                   int64_t recv_cap, void *out, int64_t *n_recv, int *n_blocks, st_error *err) {
+  ep_ctx *c = (ep_ctx *)x;
+  const st_host *h = c->host;
+  const st_ops *o = h->ops;
+  const st_device cpu = {ST_DEVICE_CPU, 0};
+  if (c->pl_active)
+    return st_error_set(err, ST_ERR_INVALID_ARGUMENT, "moe.dispatch_start",
+                        "dispatch_start while the previous pipelined exchange is still in flight: call combine first");
+  c->have_dispatch = false;
+  int64_t nr = 0;
+  ST_CHECK(exchange_counts(c, expert_ids, n, num_experts, recv_cap, "moe.dispatch_start", &nr, err));
+  if (nr) ST_CHECK(o->copy(o, recv_expert, h->device, c->ids_host, cpu, (size_t)nr * sizeof(int32_t)));
+  int P = c->ep, me = c->ep_rank;
+  c->pl_dt = dt;
+  c->pl_hidden = hidden;
+  c->pl_recv = recv;
+  c->pl_out = out;
+  c->last_n = n;
+  c->last_nrecv = nr;
+  size_t rb = row_bytes(c);
+  for (int i = 0; i < P; i++) c->pl_waited[i] = c->pl_returned[i] = false;
+  c->n_pipelined++;
+  c->bytes_moved += (double)(n + nr) * (double)rb;
+  double t0 = now_s();
+  /* this rank's own block: a local copy */
+  if (c->srows[me])
+    ST_CHECK(o->copy(o, (char *)recv + (size_t)c->roff[me] * rb, h->device, (const char *)tokens + (size_t)c->soff[me] * rb,
+                     h->device, (size_t)c->srows[me] * rb));
+  c->pl_active = true;
+  if (c->ep_group) {
+    int tag = (int)((c->pl_seq++ % (1u << 29)) * 2);
+    c->pl_tag = tag;
+    for (int i = 1; i < P; i++) { /* block order */
+      int s = (me + i) % P;
+      if (!c->rrows[s]) continue;
+      st_result r = c->comm->recv(c->ep_group, (char *)recv + (size_t)c->roff[s] * rb, c->rrows[s] * hidden, dt, s,
+                                  tag, &c->pl_rreq[s], err);
+      if (r != ST_OK) { r = pl_abort(c, r, err); st_error_prefix(err, "expert_parallel: posting the receive of EP rank %d's rows: ", s); return r; }
+    }
+    for (int i = 1; i < P; i++) { /* peer me-i has this rank as its block i */
+      int d = (me - i + P) % P;
+      if (!c->srows[d]) continue;
+      st_result r = c->comm->send(c->ep_group, (const char *)tokens + (size_t)c->soff[d] * rb, c->srows[d] * hidden, dt,
+                                  d, tag, &c->pl_sreq[d], err);
+      if (r != ST_OK) { r = pl_abort(c, r, err); st_error_prefix(err, "expert_parallel: posting the send of rows to EP rank %d: ", d); return r; }
+    }
+    for (int i = 1; i < P; i++) {
+      int d = (me - i + P) % P;
+      if (!c->srows[d]) continue;
+      st_result r = c->comm->recv(c->ep_group, (char *)out + (size_t)c->soff[d] * rb, c->srows[d] * hidden, dt, d,
+                                  tag + 1, &c->pl_breq[d], err);
+      if (r != ST_OK) { r = pl_abort(c, r, err); st_error_prefix(err, "expert_parallel: posting the receive of rows coming back from EP rank %d: ", d); return r; }
+    }
+  }
+  c->sec_rows += now_s() - t0;
+  *n_recv = nr;
+  *n_blocks = P;
+  return ST_OK;
+}
+
+static st_result pl_check(ep_ctx *c, int i, const char *what, st_error *err) {
+  if (!c->pl_active)
+    return st_error_set(err, ST_ERR_INVALID_ARGUMENT, what, "%s(%d) without a dispatch_start in flight", what + 4, i);
+  if (i < 0 || i >= c->ep)
+    return st_error_set(err, ST_ERR_INVALID_ARGUMENT, what, "block %d out of range [0, %d)", i, c->ep);
+  return ST_OK;
+}
+
+static st_result ep_wait_block(st_moe_exchange *x, int i, int64_t *first_row, int64_t *n_rows, st_error *err) {
+  ep_ctx *c = (ep_ctx *)x;
+  ST_CHECK(pl_check(c, i, "moe.wait_block", err));
+  int s = (c->ep_rank + i) % c->ep;
+  if (c->pl_rreq[s]) {
+    double t0 = now_s();
+    st_comm_request *req = c->pl_rreq[s];
+    c->pl_rreq[s] = NULL;
+    st_result r = c->comm->wait(req, err);
+    c->sec_rows += now_s() - t0;
+    if (r != ST_OK) { r = pl_abort(c, r, err); st_error_prefix(err, "expert_parallel: receiving the rows of EP rank %d: ", s); return r; }
+  }
+  c->pl_waited[i] = true;
+  *first_row = c->roff[s];
+  *n_rows = c->rrows[s];
+  return ST_OK;
+}
+
+static st_result ep_return_block(st_moe_exchange *x, int i, const void *processed, st_error *err) {
+  ep_ctx *c = (ep_ctx *)x;
+  ST_CHECK(pl_check(c, i, "moe.return_block", err));
+  if (!c->pl_waited[i])
+    return st_error_set(err, ST_ERR_INVALID_ARGUMENT, "moe.return_block",
+                        "return_block(%d) before wait_block(%d): its rows have not arrived yet", i, i);
+  if (c->pl_returned[i])
+    return st_error_set(err, ST_ERR_INVALID_ARGUMENT, "moe.return_block", "block %d was already returned", i);
+  const st_host *h = c->host;
+  const st_ops *o = h->ops;
+  size_t rb = row_bytes(c);
+  int s = (c->ep_rank + i) % c->ep;
+  double t0 = now_s();
+  c->pl_returned[i] = true;
+  if (c->rrows[s]) {
+    const char *src = (const char *)processed + (size_t)c->roff[s] * rb;
+    if (s == c->ep_rank) { /* own block: home is here */
+      ST_CHECK(o->copy(o, (char *)c->pl_out + (size_t)c->soff[s] * rb, h->device, src, h->device, (size_t)c->rrows[s] * rb));
+    } else {
+      st_result r = c->comm->send(c->ep_group, src, c->rrows[s] * c->pl_hidden, c->pl_dt, s, c->pl_tag + 1,
+                                  &c->pl_bsreq[s], err);
+      if (r != ST_OK) { r = pl_abort(c, r, err); st_error_prefix(err, "expert_parallel: sending processed rows back to EP rank %d: ", s); return r; }
+    }
+  }
+  c->sec_rows += now_s() - t0;
+  return ST_OK;
+}
+
+static st_result pl_combine(ep_ctx *c, const void *processed, void *out, st_error *err) {
+  int P = c->ep;
+  for (int i = 0; i < P; i++)
+    if (!c->pl_waited[i])
+      return st_error_set(err, ST_ERR_INVALID_ARGUMENT, "moe.combine",
+                          "combine after dispatch_start before every block was waited for: block %d (from EP rank %d) "
+                          "was not; call wait_block(%d) first", i, (c->ep_rank + i) % P, i);
+  for (int i = 0; i < P; i++)
+    if (!c->pl_returned[i]) ST_CHECK(ep_return_block((st_moe_exchange *)c, i, processed, err));
+  double t0 = now_s();
+  st_result res = ST_OK;
+  /* in posting order (the order Gloo's worker completes them), so the first failure is reported */
+  for (int k = 0; k < 3 && res == ST_OK; k++) {
+    for (int i = 1; i < P && res == ST_OK; i++) {
+      int p = (c->ep_rank - i + P) % P;
+      st_comm_request **reqs[3] = {&c->pl_sreq[p], &c->pl_breq[p], &c->pl_bsreq[p]};
+      if (!*reqs[k]) continue;
+      st_comm_request *r = *reqs[k];
+      *reqs[k] = NULL;
+      res = c->comm->wait(r, err);
+      if (res != ST_OK)
+        st_error_prefix(err, "expert_parallel: %s EP rank %d: ",
+                        k == 0 ? "sending rows to" : k == 1 ? "receiving processed rows back from"
+                                                            : "sending processed rows back to", p);
+    }
+  }
+  c->sec_rows += now_s() - t0;
+  c->n_combine++;
+  c->bytes_moved += (double)(c->last_n + c->last_nrecv) * (double)row_bytes(c);
+  pl_drain(c, NULL); /* nothing left on success; on a failure, whatever is still outstanding */
+  if (res != ST_OK) return res;
+  if (out && out != c->pl_out && c->last_n) {
+    const st_host *h = c->host;
+    ST_CHECK(h->ops->copy(h->ops, out, h->device, c->pl_out, h->device, (size_t)c->last_n * row_bytes(c)));
+  }
+  return ST_OK;
+}
+
 static st_result ep_combine(st_moe_exchange *x, st_dtype dt, const void *processed, int64_t hidden, void *out,
                             st_error *err) {
   ep_ctx *c = (ep_ctx *)x;
+  if (c->pl_active) {
+    if (dt != c->pl_dt || hidden != c->pl_hidden)
+      return st_error_set(err, ST_ERR_INVALID_ARGUMENT, "moe.combine",
+                          "combine with dtype %s and hidden %lld after a dispatch_start with %s and %lld",
+                          st_dtype_name(dt), (long long)hidden, st_dtype_name(c->pl_dt), (long long)c->pl_hidden);
+    return pl_combine(c, processed, out, err);
+  }
   if (!c->have_dispatch)
     return st_error_set(err, ST_ERR_INVALID_ARGUMENT, "moe.combine", "combine without a preceding dispatch");
   c->have_dispatch = false;
   c->n_combine++;
   return a2a(c, processed, c->rrows, out, c->srows, hidden, dt, "expert outputs", err);
+}
+
+static st_result ep_recv_capacity(st_moe_exchange *x, int64_t n_rows, int num_experts, int64_t *cap, st_error *err) {
+  ep_ctx *c = (ep_ctx *)x;
+  ST_CHECK(busy(c, "moe.recv_capacity", err));
+  if (num_experts < 1 || num_experts % c->ep)
+    return st_error_set(err, ST_ERR_CONFIG, "strategy.expert_parallel_size",
+                        "%d experts cannot be split evenly over expert_parallel_size %d", num_experts, c->ep);
+  if (n_rows < 0)
+    return st_error_set(err, ST_ERR_INVALID_ARGUMENT, "moe.recv_capacity", "negative row count %lld", (long long)n_rows);
+  int64_t sum = n_rows, mx = n_rows;
+  if (c->ep_group) {
+    c->cap_rows[c->ep_rank] = n_rows;
+    st_result r = c->comm->all_gather(c->ep_group, &n_rows, c->cap_rows, 1, ST_I64, NULL, err);
+    if (r != ST_OK) return st_error_prefix(err, "expert_parallel: exchanging row counts for recv_capacity: ");
+    sum = 0;
+    mx = 0;
+    for (int p = 0; p < c->ep; p++) {
+      sum += c->cap_rows[p];
+      if (c->cap_rows[p] > mx) mx = c->cap_rows[p];
+    }
+  }
+  if (c->cap_factor > 0) {
+    double want = c->cap_factor * (double)mx;
+    int64_t lim = (int64_t)want; /* ceil without libm */
+    if ((double)lim < want) lim++;
+    if (lim < sum) sum = lim;
+  }
+  *cap = sum;
+  return ST_OK;
 }
 
 /* ---- set-up ------------------------------------------------------------------------------- */
@@ -278,13 +581,17 @@ static void ep_finalize(void *vctx) {
   const st_device cpu = {ST_DEVICE_CPU, 0};
   if (c->n_dispatch && h->log) {
     h->log(h, ST_LOG_INFO,
-           "expert_parallel: %lld dispatch + %lld combine calls moved %.1f MiB (sent + received) in %.3f s of "
-           "all-to-all-v (%.1f MiB/s) + %.3f s exchanging counts",
-           (long long)c->n_dispatch, (long long)c->n_combine, c->bytes_moved / (1 << 20), c->sec_rows,
+           "expert_parallel: %lld dispatch (%lld of them pipelined) + %lld combine calls moved %.1f MiB (sent + "
+           "received) in %.3f s of all-to-all-v / posting and waiting (%.1f MiB/s) + %.3f s exchanging counts",
+           (long long)c->n_dispatch, (long long)c->n_pipelined, (long long)c->n_combine, c->bytes_moved / (1 << 20), c->sec_rows,
            c->sec_rows > 0 ? c->bytes_moved / (1 << 20) / c->sec_rows : 0.0, c->sec_counts);
   }
+  if (c->pl_active) pl_drain(c, NULL); /* an exchange left in flight: free its requests before the group */
   if (c->inner && c->ictx) c->inner->finalize(c->ictx);
-  if (c->prev_moe && h->moe(h) == &c->moe) h->set_moe(h, c->prev_moe);
+  if (c->prev_moe && h->moe(h) == &c->moe) {
+    h->set_moe(h, c->prev_moe);
+    if (c->host_has_ext) h->set_moe_ext(h, c->prev_moe_ext);
+  }
   if (c->ep_group) c->comm->group_free(c->ep_group);
   if (c->edp_group) c->comm->group_free(c->edp_group);
   h->free(h, h->device, c->param_mem);
@@ -312,6 +619,15 @@ static void ep_finalize(void *vctx) {
   free(c->sdsp);
   free(c->rcnt);
   free(c->rdsp);
+  free(c->cap_rows);
+  free(c->soff);
+  free(c->roff);
+  free(c->pl_waited);
+  free(c->pl_returned);
+  free(c->pl_rreq);
+  free(c->pl_sreq);
+  free(c->pl_breq);
+  free(c->pl_bsreq);
   free(c);
 }
 
@@ -341,6 +657,8 @@ static st_result ep_init(const st_host *host, st_cfg *cfg, const st_strategy_set
   if (cfg && api) {
     st_result r = ep_validate(cfg, api, err);
     if (r == ST_OK) r = api->get_int(cfg, "expert_parallel_size", 1, &p, err);
+    if (r == ST_OK && api->type(cfg, "recv_capacity_factor") != ST_CFG_ABSENT)
+      r = api->get_number(cfg, "recv_capacity_factor", 0.0, &c->cap_factor, err);
     if (r != ST_OK) return fail(c, r);
   }
   if (p > c->world || c->world % p)
@@ -371,9 +689,19 @@ static st_result ep_init(const st_host *host, st_cfg *cfg, const st_strategy_set
   c->sdsp = calloc((size_t)c->ep, sizeof(int64_t));
   c->rcnt = calloc((size_t)c->ep, sizeof(int64_t));
   c->rdsp = calloc((size_t)c->ep, sizeof(int64_t));
+  c->cap_rows = calloc((size_t)c->ep, sizeof(int64_t));
+  c->soff = calloc((size_t)c->ep, sizeof(int64_t));
+  c->roff = calloc((size_t)c->ep, sizeof(int64_t));
+  c->pl_waited = calloc((size_t)c->ep, sizeof(bool));
+  c->pl_returned = calloc((size_t)c->ep, sizeof(bool));
+  c->pl_rreq = calloc((size_t)c->ep, sizeof(st_comm_request *));
+  c->pl_sreq = calloc((size_t)c->ep, sizeof(st_comm_request *));
+  c->pl_breq = calloc((size_t)c->ep, sizeof(st_comm_request *));
+  c->pl_bsreq = calloc((size_t)c->ep, sizeof(st_comm_request *));
   if (!c->unit_first || !c->slot || !c->experts || !c->windows || !c->grad_windows || !c->sub_units || !c->sub_params ||
       !c->ugrad_off || !c->ugrad_bytes || !c->ureq || !c->ulaunched ||
-      !c->srows || !c->rrows || !c->scnt || !c->sdsp || !c->rcnt || !c->rdsp)
+      !c->srows || !c->rrows || !c->scnt || !c->sdsp || !c->rcnt || !c->rdsp || !c->cap_rows || !c->soff ||
+      !c->roff || !c->pl_waited || !c->pl_returned || !c->pl_rreq || !c->pl_sreq || !c->pl_breq || !c->pl_bsreq)
     return fail(c, st_error_set(err, ST_ERR_OUT_OF_MEMORY, "strategy.expert_parallel", "parameter tables"));
 
   /* split the parameter set: experts here, the rest to the inner strategy */
@@ -500,8 +828,14 @@ static st_result ep_init(const st_host *host, st_cfg *cfg, const st_strategy_set
 
   c->moe = (st_moe_api){.self = (st_moe_exchange *)c, .num_local_experts = ep_num_local,
                         .first_local_expert = ep_first_local, .dispatch = ep_dispatch, .combine = ep_combine};
+  c->moe_ext = (st_moe_ext){.struct_size = sizeof(st_moe_ext), .recv_capacity = ep_recv_capacity,
+                            .dispatch_start = ep_dispatch_start, .wait_block = ep_wait_block,
+                            .return_block = ep_return_block};
+  c->host_has_ext = host->struct_size >= offsetof(st_host, set_moe_ext) + sizeof host->set_moe_ext;
   c->prev_moe = host->moe(host);
+  c->prev_moe_ext = c->host_has_ext ? host->moe_ext(host) : NULL;
   host->set_moe(host, &c->moe);
+  if (c->host_has_ext) host->set_moe_ext(host, &c->moe_ext);
   if (host->log)
     host->log(host, ST_LOG_INFO,
               "expert_parallel: rank %d of %d, expert-parallel size %d (EP rank %d, group of ranks %d..%d), "

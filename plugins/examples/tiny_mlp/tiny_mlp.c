@@ -240,7 +240,7 @@ static st_result tm_loss(void *ctx, void *vb, const st_tensor *final, double gra
   double loss = 0.0;
   st_result r = o->mse_forward(o, ST_F32, final[0].data, b->y, NULL, b->rows, m->out, &loss);
   if (r == ST_OK && dfinal)
-    r = o->mse_backward(o, ST_F32, final[0].data, b->y, NULL, b->rows, m->out, grad_scale, dfinal[0].data);
+    r = o->mse_backward(o, ST_F32, final[0].data, b->y, NULL, b->rows, m->out, grad_scale * (double)b->rows, dfinal[0].data);
   if (r != ST_OK) return st_error_set(err, r, "model", "tiny_mlp: loss kernel failed: %s", st_result_string(r));
   *out = (st_loss){.loss = loss, .n_items = b->rows};
   return ST_OK;

@@ -68,7 +68,12 @@ typedef struct st_rng_api {
 
 /* MoE token exchange. Without an expert-parallel strategy the core installs a local exchange
  * (every expert is on this rank). The model calls dispatch after routing and combine after its
- * local experts ran; backward calls the mirror images. */
+ * local experts ran; backward calls the mirror images. Every call below except num_local_experts
+ * and first_local_expert is collective over the exchange's group: every rank makes the same calls
+ * in the same order (a rank with no rows passes n = 0).
+ *
+ * Received rows are laid out in blocks, one per source rank of the group in rank order, and inside
+ * a block sorted by expert (rows for one expert keep the sender's order). */
 typedef struct st_moe_exchange st_moe_exchange;
 typedef struct st_moe_api {
   st_moe_exchange *self;
@@ -79,11 +84,43 @@ typedef struct st_moe_api {
   st_result (*dispatch)(st_moe_exchange *x, st_dtype dt, const void *tokens, const int32_t *expert_ids, int64_t n,
                         int64_t hidden, int num_experts, void *recv, int32_t *recv_expert, int64_t recv_cap,
                         int64_t *n_recv, st_error *err);
-  /* the inverse permutation of the last dispatch: rows of processed [n_recv, hidden] return to
-   * their origin, out [n, hidden] */
+  /* the inverse permutation of the last dispatch (or dispatch_start): rows of processed [n_recv,
+   * hidden] return to their origin, out [n, hidden]. After dispatch_start (st_moe_ext) it returns
+   * the blocks not yet handed to return_block and waits until every row has arrived in the `out`
+   * given there (pass the same `out`). */
   st_result (*combine)(st_moe_exchange *x, st_dtype dt, const void *processed, int64_t hidden, void *out,
                        st_error *err);
 } st_moe_api;
+
+/* Additions to the exchange after v1 (st_moe_api has no struct_size, so it cannot grow): the
+ * receive sizing and the pipelined form. The strategy that installs an exchange with set_moe
+ * installs these with set_moe_ext right after (set_moe clears them); the functions take the
+ * installed st_moe_api's `self`. A NULL member is not offered: the model then uses dispatch and
+ * combine and sizes its buffers for the worst case. */
+typedef struct st_moe_ext {
+  uint32_t struct_size;
+  /* how many rows one dispatch may deliver to this rank when this rank sends at most n_rows and
+   * every other rank at most its own n_rows: the model sizes its receive buffers (and what it saves
+   * of them for backward) with it, in batch_prepare. The local exchange returns n_rows;
+   * expert_parallel the sum of the group's n_rows, capped by strategy.recv_capacity_factor x the
+   * largest of them when that is set. A dispatch that would overflow any rank's capacity fails on
+   * every rank with the numbers. */
+  st_result (*recv_capacity)(st_moe_exchange *x, int64_t n_rows, int num_experts, int64_t *cap, st_error *err);
+  /* Pipelined form, so the exchange overlaps the expert computation: dispatch_start exchanges the
+   * counts, fills recv_expert and *n_recv at once and starts moving the rows; *n_blocks blocks
+   * then arrive. wait_block(i) (i = 0 .. n_blocks-1, in the exchange's order: this rank's own
+   * block first) blocks until the i-th block's rows are in recv and says which rows they are;
+   * return_block(i, processed) starts sending those rows of processed [n_recv, hidden] (the same
+   * row positions) home to `out`. `tokens`, `processed` and `out` must stay valid and unchanged
+   * until combine returns (rows are sent straight from them), every block must be waited for
+   * before combine, and no other call on the exchange may come between dispatch_start and combine
+   * (it would queue behind the rows in flight). */
+  st_result (*dispatch_start)(st_moe_exchange *x, st_dtype dt, const void *tokens, const int32_t *expert_ids,
+                              int64_t n, int64_t hidden, int num_experts, void *recv, int32_t *recv_expert,
+                              int64_t recv_cap, void *out, int64_t *n_recv, int *n_blocks, st_error *err);
+  st_result (*wait_block)(st_moe_exchange *x, int i, int64_t *first_row, int64_t *n_rows, st_error *err);
+  st_result (*return_block)(st_moe_exchange *x, int i, const void *processed, st_error *err);
+} st_moe_ext;
 
 struct st_strategy_plugin_v1;
 
@@ -133,6 +170,10 @@ typedef struct st_host {
   void (*set_moe)(const struct st_host *h, const st_moe_api *api);
 
   void *core; /* private to the core */
+
+  /* appended after v1 (check struct_size before use): the current exchange's additions, or NULL */
+  const st_moe_ext *(*moe_ext)(const struct st_host *h);
+  void (*set_moe_ext)(const struct st_host *h, const st_moe_ext *ext);
 } st_host;
 
 #endif /* STRATA_HOST_H */

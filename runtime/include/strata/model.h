@@ -68,8 +68,9 @@ typedef struct st_batch {
 } st_batch;
 
 typedef struct st_loss {
-  double loss;          /* the value to log (mean over the micro-batch) */
-  int64_t n_items;      /* tokens or samples the loss averaged over */
+  double loss;          /* the value to log (mean over the micro-batch's items) */
+  int64_t n_items;      /* loss items (tokens or samples) the loss averaged over; the core weights
+                         * loss and metrics by it across micro-batches and ranks */
   int n_metrics;        /* extra per-model metrics, e.g. "moe/aux_loss", "moe/load_cv" */
   const char *metric_names[8];
   double metric_values[8];
@@ -126,8 +127,15 @@ typedef struct st_model_plugin_v1 {
                              const st_tensor *carry_in, const void *saved, const st_tensor *dcarry_out,
                              st_tensor *dcarry_in, void *workspace, st_error *err);
 
-  /* Reads the last carry; writes dfinal = grad_scale * d(loss)/d(final) when dfinal != NULL.
-   * grad_scale folds in the loss scale and 1/gradient_accumulation_steps. */
+  /* Reads the last carry and fills *out: the micro-batch's loss as a mean over its n_items loss
+   * items (tokens whose label counts, samples), for logging. When dfinal != NULL, writes
+   *   dfinal = grad_scale * d(SUM over this micro-batch's items of their loss)/d(final).
+   * The core defines a step's loss as the mean over every loss item of the global batch (all
+   * ranks, all micro-batches): it divides the accumulated gradients by that global item count
+   * before clipping and the update (as Megatron's per-token loss does), so micro-batch and rank
+   * boundaries do not weight tokens differently. grad_scale is the loss scale (1 without fp16).
+   * A term computed from a whole global micro-batch (e.g. an MoE aux loss over statistics summed
+   * over the ranks) enters with the weight of that global micro-batch's items. */
   st_result (*loss)(void *ctx, void *bctx, const st_tensor *final_carry, double grad_scale, st_tensor *dfinal,
                     st_loss *out, st_error *err);
 

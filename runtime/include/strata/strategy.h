@@ -57,7 +57,8 @@ typedef struct st_strategy_setup {
 typedef struct st_step_args {
   int64_t step;      /* 1-based optimizer step */
   double lr;
-  double grad_scale; /* multiply every gradient by this before the update (unscale x clip) */
+  double grad_scale; /* multiply every gradient by this before the update: clip / (loss scale x the
+                      * global batch's loss items / world size), see model.h's loss */
 } st_step_args;
 
 #define ST_MEMORY_CATEGORIES 6
@@ -85,7 +86,8 @@ typedef struct st_strategy_plugin_v1 {
   st_result (*pre_backward)(void *ctx, int unit, const st_tensor **params, st_tensor **grads, st_error *err);
   st_result (*post_backward)(void *ctx, int unit, bool last_micro_step, st_error *err);
 
-  /* Global squared L2 norm of the (reduced, still loss-scaled) gradients, summed over the group;
+  /* Global squared L2 norm of the reduced gradients as accumulated (loss-scaled, not yet divided
+   * by the item count), summed over the group;
    * Inf/NaN when any gradient overflowed. Waits for outstanding reductions. */
   st_result (*grad_norm_sq)(void *ctx, double *out, st_error *err);
   /* Apply the optimizer to every owned shard through host->optim_update, write back working
