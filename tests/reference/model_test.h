@@ -92,6 +92,16 @@ static inline st_result qrun_open(qrun *r, const char *json, st_error *err) {
   return ST_OK;
 }
 
+/* the micro-batch's loss, and with dfinal its gradient as the mean's: the model's gradient is of the
+ * sum over its loss items (model.h), so the second call scales it by 1 / n_items */
+static inline st_result qrun_loss(qrun *r, void *bctx, const st_tensor *final, st_tensor *dfinal, st_loss *l,
+                                  st_error *err) {
+  st_result res = PL->loss(r->ctx, bctx, final, 0.0, NULL, l, err);
+  if (res == ST_OK && dfinal)
+    res = PL->loss(r->ctx, bctx, final, l->n_items ? 1.0 / (double)l->n_items : 0.0, dfinal, l, err);
+  return res;
+}
+
 static inline void qrun_close(qrun *r) {
   if (r->d)
     for (int u = 0; u < r->d->n_units; u++) {

@@ -150,10 +150,7 @@ static st_result step(qrun *r, const st_sample *samples, int n, bool backward, s
   for (int u = 0; u < U && res == ST_OK; u++)
     res = PL->unit_forward(r->ctx, bctx, u, r->P[u], carry[u], carry[u + 1], saved[u], work, err);
   st_loss l = {0};
-  /* the model's gradient is of the sum over its loss items (model.h): 1/n_items gives the mean's */
-  if (res == ST_OK) res = PL->loss(r->ctx, bctx, carry[U], 0.0, NULL, &l, err);
-  if (res == ST_OK && backward)
-    res = PL->loss(r->ctx, bctx, carry[U], l.n_items ? 1.0 / (double)l.n_items : 0.0, dcarry[U], &l, err);
+  if (res == ST_OK) res = qrun_loss(r, bctx, carry[U], backward ? dcarry[U] : NULL, &l, err);
   if (lo) *lo = l;
   if (res == ST_OK && logits)
     for (int64_t q = 0; q < st_tensor_numel(&carry[U][0]); q++) logits[q] = get(r->dt, carry[U][0].data, q);
